@@ -1,0 +1,671 @@
+"""Coupled Adam: AdamW whose second moment is shared across the rows of an embedding matrix.
+
+Stollenwerk & Stollenwerk, "Better Embeddings with Coupled Adam", ACL 2025 (arXiv:2502.08441).
+
+The module knows nothing about transformers: it is a ``torch.optim.Optimizer`` with one extra param-group key,
+``coupled``. Everything that is not coupled is plain AdamW (decoupled weight decay), and goes through torch's own
+fused AdamW kernel where that kernel applies.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _torch_adamw
+
+__all__ = ["CoupledAdam", "coupled_adam"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_NONFINITE_POLICIES = ("skip", "raise", "ignore")
+_IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
+
+# Group keys this optimizer owns, with their defaults. ``coupled``/``avg_scale``/``compact`` are the coupling;
+# the rest mirror torch.optim.AdamW.
+_GROUP_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 1e-2,
+    "coupled": False,
+    "avg_scale": 1.0,
+    "compact": True,
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+}
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """Optimizer state is kept in float32 for half-precision parameters (master moments), else in the param dtype."""
+    return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise (kernels work on plain tensors)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _column_mean(x: Tensor) -> Tensor:
+    """Mean over the vocabulary axis (dim 0), one value per hidden column, kept 2-D for broadcasting."""
+    return x.mean(dim=0, keepdim=True)
+
+
+def _bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
+    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+
+
+class CoupledAdam(Optimizer):
+    r"""AdamW with a second moment coupled across the rows of embedding matrices.
+
+    For a parameter group with ``coupled=True`` (embedding matrices ``E`` of shape ``[V, H]``: rows are
+    vocabulary items), step ``t``:
+
+    .. math::
+        E &\leftarrow E\,(1 - \eta\lambda) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1)\, g \\
+        v &\leftarrow \beta_2 v + (1-\beta_2)\, g^2 \\
+        \bar v &\leftarrow s \cdot \tfrac{1}{V}\textstyle\sum_{i} v_{i,:}
+            \qquad \text{(one value per hidden dimension)} \\
+        E &\leftarrow E - \frac{\eta}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{\bar v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with :math:`\bar v` broadcast over the rows. Every other group is exactly ``torch.optim.AdamW``.
+
+    Because the mean is linear, :math:`\bar v` is itself an exponential moving average of the column means of
+    :math:`g^2`. With ``compact=True`` (the default) only that ``[1, H]`` vector is stored as ``exp_avg_sq``,
+    saving ``V*H`` floats per coupled matrix; ``compact=False`` keeps the per-element ``[V, H]`` second moment (as
+    the paper's reference code does) for analysis or for exchanging state with plain AdamW. Both give the same
+    updates up to float rounding.
+
+    Args:
+        params: parameters or param groups (dicts). Group keys: every argument below.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator, outside the square root, after bias correction.
+        weight_decay: decoupled (AdamW) weight decay coefficient.
+        coupled: couple the second moment over dim 0. Coupled tensors need at least 2 dims.
+        avg_scale: the paper's scaled variant: :math:`\bar v` is multiplied by ``s``, so the step of a coupled
+            tensor shrinks by :math:`1/\sqrt{s}` when ``eps`` is negligible.
+        compact: store the coupled second moment as one value per column (default) instead of per element.
+        amsgrad: AMSGrad. For coupled tensors the running maximum is taken of :math:`\bar v` (shape ``[1, H]``)
+            in both storage modes.
+        maximize: maximize the objective instead of minimizing it.
+        foreach, fused: kernel choice as in torch. ``fused=True``: torch's fused AdamW kernel for uncoupled
+            tensors and a few-pass compact kernel for coupled ones. ``foreach=True``: multi-tensor ops.
+            ``foreach=False, fused=False``: the single-tensor reference. Default: fused where supported.
+        nonfinite: what to do when a coupled tensor's gradient holds inf/NaN, which the shared mean would
+            spread to every row of the affected columns. ``"skip"`` (default): leave all weights and state as
+            they are, count it in ``skipped_steps`` and warn (like ``torch.amp.GradScaler``); ``"raise"``: raise
+            ``FloatingPointError``; ``"ignore"``: no check (no host synchronisation).
+
+    Example::
+
+        >>> opt = CoupledAdam(
+        ...     [{"params": [model.transformer.wte.weight], "coupled": True, "weight_decay": 0.0},
+        ...      {"params": matrices, "weight_decay": 0.1},
+        ...      {"params": biases_and_norms, "weight_decay": 0.0}],
+        ...     lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+
+    State per parameter: ``step``, ``exp_avg`` (shape of the param), ``exp_avg_sq`` (shape of the param, or
+    ``[1, *shape[1:]]`` for compact coupled tensors), ``max_exp_avg_sq`` with amsgrad. State is float32 for
+    float16/bfloat16 parameters and created lazily on the first ``step()``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        coupled: bool = False,
+        avg_scale: float = 1.0,
+        compact: bool = True,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite: str = "skip",
+    ):
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite policy: {nonfinite!r}; choose one of {_NONFINITE_POLICIES}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=coupled, avg_scale=avg_scale,
+            compact=compact, amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused,
+        )
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        # Hook for sharded coupled tensors (see coupled_adam_hf.distributed): maps a param to a function that
+        # turns a local per-column *sum* over rows into the global per-column mean. None: local mean.
+        self._column_reducers: dict[Tensor, Callable[[Tensor], Tensor]] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        _validate_group(group, index)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_column_reducers", {})
+
+    # ------------------------------------------------------------------ state
+    def _implementation(self, group: dict[str, Any]) -> str:
+        if group["fused"] and group["foreach"]:
+            raise RuntimeError("CoupledAdam: `foreach` and `fused` cannot both be True")
+        if group["fused"] is True:
+            return "fused"
+        if group["foreach"] is True:
+            return "foreach"
+        if group["fused"] is False and group["foreach"] is False:
+            return "single_tensor"
+        if group["foreach"] is False:
+            return "single_tensor"
+        return "fused"
+
+    def _uses_torch_fused(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Uncoupled params whose state dtype equals their own go through torch's fused AdamW kernel."""
+        return (
+            self._implementation(group) == "fused"
+            and not group["coupled"]
+            and p.dtype == _state_dtype(p)
+            and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            and not _is_dtensor(p)
+        )
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        dtype = _state_dtype(p)
+        step_device = p.device if self._uses_torch_fused(group, p) else torch.device("cpu")
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if group["coupled"] and group["compact"]:
+                state["exp_avg_sq"] = self._zeros_column_state(p, dtype)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = (
+                    self._zeros_column_state(p, dtype)
+                    if group["coupled"]
+                    else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                )
+        elif state["step"].device != step_device:
+            # the kernel choice changed since the state was made (or it was loaded): move the step counter
+            state["step"] = state["step"].to(step_device)
+        return state
+
+    def _zeros_column_state(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+        shape = (1, *p.shape[1:])
+        if _is_dtensor(p):
+            from .distributed import replicated_zeros
+
+            return replicated_zeros(p, shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        batches = []
+        for index, group in enumerate(self.param_groups):
+            batches.append(self._collect(group, index))
+
+        # Stage 1 (before anything is written): per-column gradient statistics of coupled tensors.
+        # They feed the compact second moment and the non-finite check.
+        for group, batch in zip(self.param_groups, batches):
+            if group["coupled"]:
+                batch["grad_sq_means"] = [
+                    self._grad_sq_column_mean(p, g)
+                    for p, g in zip(batch["params"], batch["grads"])
+                ]
+        if self.nonfinite != "ignore" and not self._coupled_grads_finite(batches):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    "CoupledAdam: non-finite gradient (inf/NaN) in a coupled tensor; the shared second moment "
+                    "would spread it to every row. Lower the learning rate, clip gradients, or use "
+                    "nonfinite='skip' to skip such steps."
+                )
+            self.skipped_steps += 1
+            warnings.warn(
+                f"CoupledAdam: skipped a step because a coupled tensor has a non-finite gradient "
+                f"({self.skipped_steps} skipped so far); weights and optimizer state are unchanged.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+
+        # Stage 2: the update, per group, with the chosen kernel.
+        for group, batch in zip(self.param_groups, batches):
+            if not batch["params"]:
+                continue
+            beta1, beta2 = group["betas"]
+            coupled_adam(
+                batch["params"],
+                batch["grads"],
+                batch["exp_avgs"],
+                batch["exp_avg_sqs"],
+                batch["max_exp_avg_sqs"],
+                batch["steps"],
+                grad_sq_means=batch.get("grad_sq_means"),
+                column_means=batch.get("column_means"),
+                coupled=group["coupled"],
+                compact=group["compact"],
+                amsgrad=group["amsgrad"],
+                beta1=beta1,
+                beta2=beta2,
+                lr=_as_float(group["lr"]),
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                avg_scale=group["avg_scale"],
+                maximize=group["maximize"],
+                implementation=self._implementation(group),
+                torch_fused=batch["torch_fused"],
+            )
+        return loss
+
+    def _collect(self, group: dict[str, Any], index: int) -> dict[str, Any]:
+        batch: dict[str, Any] = {k: [] for k in (
+            "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "torch_fused", "column_means"
+        )}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(
+                    f"CoupledAdam does not support sparse gradients ({_param_label(group, p, index)}); "
+                    "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
+                )
+            state = self._init_state(group, p)
+            batch["params"].append(p)
+            batch["grads"].append(p.grad)
+            batch["exp_avgs"].append(state["exp_avg"])
+            batch["exp_avg_sqs"].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                batch["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+            batch["steps"].append(state["step"])
+            batch["torch_fused"].append(self._uses_torch_fused(group, p))
+            batch["column_means"].append(self._column_reducers.get(p))
+        return batch
+
+    def _grad_sq_column_mean(self, p: Tensor, grad: Tensor) -> Tensor:
+        """Global per-column mean of g*g over rows, shape [1, *shape[1:]], in the state dtype.
+
+        A reduction kernel (vector norm) reads g once and allocates nothing of size [V, H].
+        """
+        g = _local(grad)
+        dtype = _state_dtype(p)
+        if g.shape[0] == 0:
+            col_sum = torch.zeros((1, *g.shape[1:]), dtype=dtype, device=g.device)
+        else:
+            col_sum = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=dtype).square_()
+        reducer = self._column_reducers.get(p)
+        if reducer is not None:
+            return reducer(col_sum)
+        return col_sum.div_(g.shape[0])
+
+    @staticmethod
+    def _coupled_grads_finite(batches: list[dict[str, Any]]) -> bool:
+        stats = [s.sum() for b in batches for s in b.get("grad_sq_means") or ()]
+        if not stats:
+            return True
+        # one host sync per step, on a handful of scalars
+        return bool(torch.isfinite(torch.stack([s.to(stats[0].device) for s in stats])).all())
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, converting second-moment layouts where that is exact.
+
+        - per-element ``exp_avg_sq`` (plain AdamW, or ``compact=False``) into a compact coupled group: averaged
+          over dim 0 (what the coupled update reads anyway);
+        - compact into a full-state coupled group: broadcast over rows (gives the same column mean, so the
+          same updates);
+        - compact into an uncoupled (plain AdamW) group: refused, since per-element second moments cannot be
+          recovered from their column means.
+
+        Optimizer state keeps float32 for half-precision params (torch's loader would cast it to the param dtype).
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        group_of = {p: (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            index, group = group_of[p]
+            state = self.state[p]
+            dtype = _state_dtype(p)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in saved_state[pid]:
+                    original = saved_state[pid][key]
+                    state[key] = _to_like(original, p, dtype)
+            _convert_second_moments(state, group, p, index)
+            step_device = p.device if self._uses_torch_fused(group, p) else torch.device("cpu")
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(step_device)
+
+
+def _to_like(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
+    if _is_dtensor(p) or _is_dtensor(value):
+        return value  # distributed checkpoint loading places DTensor state itself
+    return value.to(device=p.device, dtype=dtype, copy=True)
+
+
+def _convert_second_moments(state: dict[str, Any], group: dict[str, Any], p: Tensor, index: int) -> None:
+    full_shape = tuple(p.shape)
+    column_shape = (1, *p.shape[1:])
+    for key in ("exp_avg_sq", "max_exp_avg_sq"):
+        if key not in state:
+            continue
+        v = state[key]
+        shape = tuple(v.shape)
+        if group["coupled"]:
+            if key == "max_exp_avg_sq" and shape == full_shape:
+                # AMSGrad of coupled tensors tracks the max of the column mean; a per-element max converts to
+                # the column mean of the maxima (an upper bound of what it would have been)
+                state[key] = _column_mean(v)
+            elif group["compact"] and key == "exp_avg_sq" and shape == full_shape and shape != column_shape:
+                state[key] = _column_mean(v)
+            elif not group["compact"] and key == "exp_avg_sq" and shape == column_shape and shape != full_shape:
+                state[key] = v.expand(full_shape).clone()
+        elif shape != full_shape:
+            raise ValueError(
+                f"CoupledAdam.load_state_dict: {_param_label(group, p, index)} is in an uncoupled (plain AdamW) "
+                f"group, but its saved {key} has shape {list(shape)} (a compact coupled second moment), not "
+                f"{list(full_shape)}. Per-element second moments cannot be recovered from column means: keep the "
+                "parameter in a coupled group, or save the state with compact=False."
+            )
+        elif group["amsgrad"] and key == "exp_avg_sq" and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = v.clone()
+    if group["amsgrad"] and "max_exp_avg_sq" not in state and "exp_avg_sq" in state:
+        v = state["exp_avg_sq"]
+        state["max_exp_avg_sq"] = _column_mean(v) if tuple(v.shape) == full_shape and group["coupled"] else v.clone()
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _as_float(value: float | Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def _param_label(group: dict[str, Any], p: Tensor, index: int) -> str:
+    names = group.get("param_names")
+    if names:
+        for name, q in zip(names, group["params"]):
+            if q is p:
+                return f"parameter {name!r} (group {index}, shape {list(p.shape)})"
+    position = next((i for i, q in enumerate(group["params"]) if q is p), "?")
+    return f"parameter {position} of group {index} (shape {list(p.shape)})"
+
+
+def _validate_group(group: dict[str, Any], index: int) -> None:
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be a scalar (group {index}), got shape {list(lr.shape)}")
+        lr = float(lr)
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {group['lr']!r} (group {index}); it must be a finite number >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (group {index}); expected a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (group {index}); it must be in [0, 1)")
+    eps = group["eps"]
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps!r} (group {index}); it must be a finite number >= 0")
+    wd = group["weight_decay"]
+    if not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {wd!r} (group {index}); it must be a finite number >= 0")
+    scale = group["avg_scale"]
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"Invalid avg_scale value: {scale!r} (group {index}); it must be a finite number > 0")
+    for key in ("coupled", "compact", "amsgrad", "maximize"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"Param-group key {key!r} must be a bool (group {index}), got {group[key]!r}")
+    for key in ("foreach", "fused"):
+        if group[key] is not None and not isinstance(group[key], bool):
+            raise TypeError(f"Param-group key {key!r} must be a bool or None (group {index}), got {group[key]!r}")
+    if group["foreach"] and group["fused"]:
+        raise RuntimeError(f"`foreach` and `fused` cannot both be True (group {index})")
+    for p in group["params"]:
+        if torch.is_complex(p):
+            raise TypeError(
+                f"CoupledAdam does not support complex tensors: {_param_label(group, p, index)}; "
+                "view them as real with torch.view_as_real"
+            )
+        if not p.is_floating_point():
+            raise TypeError(f"CoupledAdam can only optimize floating-point tensors: {_param_label(group, p, index)}"
+                            f" has dtype {p.dtype}")
+        if group["coupled"] and p.dim() < 2:
+            raise ValueError(
+                f"Coupled tensors need at least 2 dims (rows = vocabulary items): {_param_label(group, p, index)}. "
+                "Put biases, norms and other vectors in an uncoupled group."
+            )
+
+
+# ---------------------------------------------------------------------- functional core
+def coupled_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    grad_sq_means: list[Tensor] | None,
+    column_means: list[Callable[[Tensor], Tensor] | None] | None = None,
+    coupled: bool,
+    compact: bool,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    avg_scale: float,
+    maximize: bool,
+    implementation: str = "fused",
+    torch_fused: list[bool] | None = None,
+) -> None:
+    """Functional Coupled Adam over one param group (see :class:`CoupledAdam` for the math).
+
+    ``grad_sq_means[i]`` is the per-column mean of ``grads[i]**2`` over rows (``[1, H]``), required when
+    ``coupled``. ``column_means[i]``, when given, maps a local per-column sum to the global mean (sharded rows).
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    if coupled and grad_sq_means is None:
+        raise ValueError("coupled=True needs grad_sq_means (the per-column means of grad**2)")
+    hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                 maximize=maximize)
+    n = len(params)
+    column_means = column_means or [None] * n
+    if coupled:
+        kernel = _single_tensor_coupled if implementation == "single_tensor" else _multi_tensor_coupled
+        kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means, column_means,
+               compact=compact, avg_scale=avg_scale, **hyper)
+        return
+    if implementation == "single_tensor":
+        _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **hyper)
+        return
+    torch_fused = torch_fused or [False] * n
+    fused_idx = [i for i in range(n) if torch_fused[i]] if implementation == "fused" else []
+    other_idx = [i for i in range(n) if i not in set(fused_idx)]
+    if fused_idx:
+        pick = lambda xs: [xs[i] for i in fused_idx]  # noqa: E731
+        _torch_adamw(
+            [_local(t) for t in pick(params)], [_local(t) for t in pick(grads)], pick(exp_avgs), pick(exp_avg_sqs),
+            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), fused=True, **hyper,
+        )
+    if other_idx:
+        pick = lambda xs: [xs[i] for i in other_idx]  # noqa: E731
+        _multi_tensor_adamw(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), **hyper,
+        )
+
+
+# --- reference: one tensor at a time, written to be read --------------------------------------------------
+def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1,
+                         beta2, lr, weight_decay, eps, maximize):
+    for i, param in enumerate(params):
+        p, g = _working_copies(param, grads[i], maximize)
+        m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
+        step += 1
+        bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            vmax = _local(max_exp_avg_sqs[i])
+            torch.maximum(vmax, v, out=vmax)
+            v = vmax
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        _write_back(param, p)
+
+
+def _single_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means,
+                           column_means, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps,
+                           maximize):
+    for i, param in enumerate(params):
+        p, g = _working_copies(param, grads[i], maximize)
+        m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
+        step += 1
+        bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        if compact:
+            # v is [1, H]: the EMA of the column means of g*g equals the column mean of the per-element EMA
+            v.mul_(beta2).add_(_local(grad_sq_means[i]), alpha=1 - beta2)
+            v_bar = v * avg_scale
+        else:
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            v_bar = _global_column_mean(v, column_means[i]) * avg_scale
+        if amsgrad:
+            vmax = _local(max_exp_avg_sqs[i])
+            torch.maximum(vmax, v_bar / avg_scale, out=vmax)
+            v_bar = vmax * avg_scale
+        denom = (v_bar.sqrt() / bc2_sqrt).add_(eps)  # [1, H], broadcast over the rows
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        _write_back(param, p)
+
+
+def _global_column_mean(x: Tensor, reducer: Callable[[Tensor], Tensor] | None) -> Tensor:
+    if reducer is None:
+        return _column_mean(x)
+    return reducer(x.sum(dim=0, keepdim=True))
+
+
+def _working_copies(param: Tensor, grad: Tensor, maximize: bool) -> tuple[Tensor, Tensor]:
+    """Plain tensors in the state dtype: half-precision params are updated in float32 and rounded once."""
+    p, g = _local(param), _local(grad)
+    dtype = _state_dtype(p)
+    if p.dtype != dtype:
+        p = p.to(dtype)
+    if g.dtype != dtype:
+        g = g.to(dtype)
+    return p, (-g if maximize else g)
+
+
+def _write_back(param: Tensor, working: Tensor) -> None:
+    local = _local(param)
+    if working is not local and working.data_ptr() != local.data_ptr():
+        local.copy_(working)
+
+
+# --- multi-tensor (foreach) ---------------------------------------------------------------------------------
+def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1,
+                        beta2, lr, weight_decay, eps, maximize):
+    if not params:
+        return
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [[_local(p) for p in params], [_local(g) for g in grads], [_local(m) for m in exp_avgs],
+         [_local(v) for v in exp_avg_sqs], [_local(v) for v in max_exp_avg_sqs] if amsgrad else [None] * len(params),
+         state_steps]
+    )
+    for (_device, _dtype), ((ps, gs, ms, vs, vmaxs, steps), _) in grouped.items():
+        dtype = ms[0].dtype
+        work = [p if p.dtype == dtype else p.to(dtype) for p in ps]
+        gs = [g if g.dtype == dtype else g.to(dtype) for g in gs]
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        torch._foreach_add_(steps, 1)
+        bc = [_bias_corrections(s.item(), beta1, beta2) for s in steps]
+
+        if weight_decay != 0:
+            torch._foreach_mul_(work, 1 - lr * weight_decay)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        if amsgrad:
+            torch._foreach_maximum_(vmaxs, vs)
+            vs = vmaxs
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [b[1] for b in bc])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(work, ms, denom, [-lr / b[0] for b in bc])
+        for p, w in zip(ps, work):
+            if w is not p:
+                p.copy_(w)
+
+
+def _multi_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means,
+                          column_means, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps,
+                          maximize):
+    """Coupled tensors are few (1-3 per model) and large: per-tensor in-place ops, no [V, H] temporaries.
+
+    Passes over [V, H] memory in compact mode: weight decay (skipped when 0), m <- lerp(m, g), p <- p - c*m/d.
+    The column statistics of g were taken before (one read of g).
+    """
+    for i, param in enumerate(params):
+        p, g = _working_copies(param, grads[i], maximize)
+        m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
+        step += 1
+        bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        if compact:
+            v.mul_(beta2).add_(_local(grad_sq_means[i]), alpha=1 - beta2)
+            v_col = v
+        else:
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            v_col = _global_column_mean(v, column_means[i])
+        if amsgrad:
+            vmax = _local(max_exp_avg_sqs[i])
+            torch.maximum(vmax, v_col, out=vmax)
+            v_col = vmax
+        denom = v_col.mul(avg_scale / (bc2_sqrt * bc2_sqrt)).sqrt_().add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        _write_back(param, p)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, from nothing: sets up ./.venv, then runs pytest offline. Extra arguments go to pytest.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC1091
+source "$here/setup_env.sh"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+exec python -m pytest "$@"
