@@ -24,6 +24,9 @@ __all__ = ["CoupledAdam", "coupled_adam"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
+# Param-group keys that describe how state is laid out, not hyperparameters: load_state_dict keeps the values this
+# optimizer was built with and converts the loaded state to them.
+_STRUCTURAL_KEYS = ("coupled", "compact")
 
 # Group keys this optimizer owns, with their defaults. ``coupled``/``avg_scale``/``compact`` are the coupling;
 # the rest mirror torch.optim.AdamW.
@@ -348,7 +351,15 @@ class CoupledAdam(Optimizer):
         """
         saved_state = state_dict["state"]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        current_groups = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, current, saved in zip(self.param_groups, current_groups, state_dict["param_groups"]):
+            saved_keys = set(saved)
+            for key, value in current.items():
+                # torch restores the saved hyperparameters; keys the checkpoint lacks (a plain AdamW state has no
+                # `coupled`) keep this optimizer's value, and the storage layout is always this optimizer's own
+                if key not in saved_keys or key in _STRUCTURAL_KEYS:
+                    group[key] = value
         params = [p for g in self.param_groups for p in g["params"]]
         group_of = {p: (i, g) for i, g in enumerate(self.param_groups) for p in g["params"]}
         for pid, p in zip(saved_ids, params):
@@ -364,7 +375,8 @@ class CoupledAdam(Optimizer):
             _convert_second_moments(state, group, p, index)
             step_device = p.device if self._uses_torch_fused(group, p) else torch.device("cpu")
             if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(step_device)
+                # a copy: torch's loader hands back the very step tensor of the source optimizer
+                state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=step_device, copy=True)
 
 
 def _to_like(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
