@@ -1,0 +1,305 @@
+"""Embedding metrics (SPEC §4): known answers, invariances, and agreement with slow direct formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coupled_adam_hf.metrics import (
+    embedding_metrics,
+    pca_projection,
+    quick_isotropy,
+    read_token_counts,
+    singular_values,
+)
+
+SCALE_FREE = ("mean_norm_ratio", "avg_cosine", "isoscore", "effective_rank", "explained_variance_top1",
+              "explained_variance_top10", "kappa", "centered/avg_cosine", "centered/effective_rank",
+              "centered/kappa")
+
+
+def gaussian_cloud(rows: int, dim: int, scale: float, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+
+
+def unit(dim: int, index: int) -> torch.Tensor:
+    vector = torch.zeros(dim, dtype=torch.float64)
+    vector[index] = 1.0
+    return vector
+
+
+# ------------------------------------------------------------------------------------------- known answers
+def test_isotropic_gaussian_cloud_is_isotropic():
+    m = embedding_metrics(gaussian_cloud(20000, 16, scale=0.3))
+    assert m["iso"] > 0.99 and m["iso_both_signs"] > 0.98
+    assert abs(m["avg_cosine"]) < 1e-3
+    assert m["mean_norm_ratio"] < 0.02
+    assert m["isoscore"] > 0.99
+    assert m["effective_rank"] > 15.9
+    assert m["kappa"] > 0.9
+    assert m["centered/iso"] > 0.99
+
+
+def test_shifted_cloud_has_the_shift_as_mean_norm_ratio_and_low_iso():
+    dim, sigma, shift = 16, 0.3, 3.0
+    cloud = gaussian_cloud(20000, dim, scale=sigma)
+    m = embedding_metrics(cloud + shift * unit(dim, 5))
+    row_norm = math.sqrt(shift**2 + dim * sigma**2)
+    assert m["mean_norm"] == pytest.approx(shift, rel=0.01)
+    assert m["mean_norm_ratio"] == pytest.approx(shift / row_norm, abs=0.01)
+    assert m["avg_cosine"] == pytest.approx(shift**2 / row_norm**2, abs=0.01)
+    # Z along the shift is exp(shift) times Z along any other eigenvector (the Gaussian factors cancel)
+    assert m["iso"] == pytest.approx(math.exp(-shift), rel=0.05)
+    assert m["iso_both_signs"] == pytest.approx(math.exp(-2 * shift), rel=0.05)
+    # centering removes the shift; IsoScore ignores the mean by design
+    assert m["centered/iso"] > 0.99
+    assert m["isoscore"] == pytest.approx(embedding_metrics(cloud)["isoscore"], abs=1e-9)
+    assert m["centered/avg_cosine"] == pytest.approx(embedding_metrics(cloud)["centered/avg_cosine"], abs=1e-9)
+
+
+def test_rank_one_matrix_has_exact_iso_and_unit_effective_rank():
+    rows, dim = 50, 8
+    amplitudes = torch.linspace(0.5, 1.5, rows, dtype=torch.float64)
+    direction = torch.arange(1.0, dim + 1, dtype=torch.float64)
+    m = embedding_metrics(torch.outer(amplitudes, direction))
+    # eigenvectors orthogonal to the direction see c . e_i = 0, so Z = V there
+    expected_iso = rows / torch.exp(amplitudes * direction.norm()).sum()
+    assert m["iso"] == pytest.approx(float(expected_iso), rel=1e-9)
+    assert m["avg_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert m["mean_norm_ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert m["effective_rank"] == pytest.approx(1.0, abs=1e-6)
+    assert m["explained_variance_top1"] == pytest.approx(1.0, abs=1e-12)
+    assert m["kappa"] < 1e-6
+    assert m["isoscore"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_iso_of_large_norm_embeddings_does_not_overflow():
+    rows, dim = 40, 4
+    m = embedding_metrics(torch.outer(torch.ones(rows, dtype=torch.float64), 1000.0 * unit(dim, 0)))
+    assert m["iso"] == 0.0 and m["iso_both_signs"] == 0.0  # exp(-1000) underflows: the true value, not NaN
+    shifted = gaussian_cloud(500, dim, scale=1.0) * 300 + 2000 * unit(dim, 1)
+    m = embedding_metrics(shifted)
+    assert all(math.isfinite(value) for value in m.values())
+
+
+def test_iso_scales_as_a_power_while_scale_free_metrics_do_not_move():
+    rows, dim = 30, 5
+    constant_rows = torch.outer(torch.ones(rows, dtype=torch.float64), 0.7 * unit(dim, 2))
+    base = embedding_metrics(constant_rows)["iso"]
+    for factor in (2.0, 3.0):
+        assert embedding_metrics(factor * constant_rows)["iso"] == pytest.approx(base**factor, rel=1e-9)
+
+    matrix = gaussian_cloud(200, 12, scale=1.0) + 0.5
+    reference = embedding_metrics(matrix)
+    for factor in (1e-3, 7.0):
+        scaled = embedding_metrics(factor * matrix)
+        for key in SCALE_FREE:
+            assert scaled[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+        assert scaled["mean_norm"] == pytest.approx(factor * reference["mean_norm"], rel=1e-9)
+
+
+def test_orthonormal_rows():
+    dim = 8
+    q, _ = torch.linalg.qr(gaussian_cloud(dim, dim, scale=1.0, seed=3))
+    m = embedding_metrics(q)
+    assert m["avg_cosine"] == pytest.approx(0.0, abs=1e-12)
+    assert m["kappa"] == pytest.approx(1.0, abs=1e-9)
+    assert m["effective_rank"] == pytest.approx(dim, rel=1e-9)
+    assert m["mean_norm_ratio"] == pytest.approx(1 / math.sqrt(dim), rel=1e-9)
+    # covariance of orthonormal rows: eigenvalues 1/H (H-1 times) and 0, so PR = H - 1
+    assert m["isoscore"] == pytest.approx((dim - 2) / (dim - 1), rel=1e-9)
+    # rows and their negatives: every row has one antipodal partner and is orthogonal to the rest
+    m = embedding_metrics(torch.cat([q, -q]))
+    assert m["avg_cosine"] == pytest.approx(-1 / (2 * dim - 1), abs=1e-12)
+    assert m["mean_norm"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_metrics_are_invariant_under_rotations_of_the_hidden_space():
+    matrix = gaussian_cloud(300, 10, scale=0.8, seed=1) + 0.4 * unit(10, 0) + 0.2
+    rotation, _ = torch.linalg.qr(gaussian_cloud(10, 10, scale=1.0, seed=2))
+    before, after = embedding_metrics(matrix), embedding_metrics(matrix @ rotation)
+    for key, value in before.items():
+        assert after[key] == pytest.approx(value, rel=1e-8, abs=1e-10), key
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(2, 40), dim=st.integers(1, 12), shift=st.floats(-3, 3), scale=st.floats(0.01, 5),
+       seed=st.integers(0, 2**16))
+def test_metrics_stay_in_their_ranges(rows, dim, shift, scale, seed):
+    m = embedding_metrics(gaussian_cloud(rows, dim, scale, seed) + shift)
+    assert 0.0 <= m["iso_both_signs"] <= m["iso"] <= 1.0
+    assert 0.0 <= m["centered/iso_both_signs"] <= m["centered/iso"] <= 1.0
+    assert -1.0 / (rows - 1) - 1e-9 <= m["avg_cosine"] <= 1.0 + 1e-9
+    assert 0.0 <= m["mean_norm_ratio"] <= 1.0 + 1e-9
+    assert 1.0 - 1e-9 <= m["effective_rank"] <= min(rows, dim) + 1e-9
+    assert 0.0 <= m["kappa"] <= 1.0 + 1e-12
+    if dim > 1:
+        assert -1e-9 <= m["isoscore"] <= 1.0 + 1e-9
+
+
+# ------------------------------------------------------------------------------- slow direct formulas agree
+def oriented_eigenvectors(second_moment: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    _, vectors = np.linalg.eigh(second_moment)
+    return vectors * np.sign(mean @ vectors)
+
+
+def direct_iso(points: np.ndarray, directions: np.ndarray) -> tuple[float, float]:
+    z_pos = [sum(math.exp(float(c @ e)) for e in points) for c in directions.T]
+    z_neg = [sum(math.exp(-float(c @ e)) for e in points) for c in directions.T]
+    return min(z_pos) / max(z_pos), min(z_pos + z_neg) / max(z_pos + z_neg)
+
+
+def test_agrees_with_direct_formulas_on_a_small_matrix():
+    matrix = (gaussian_cloud(40, 6, scale=0.7, seed=5) + 0.3 * torch.arange(6.0, dtype=torch.float64)).numpy()
+    m = embedding_metrics(torch.from_numpy(matrix))
+    rows, dim = matrix.shape
+    mean = matrix.mean(axis=0)
+
+    iso, iso_both = direct_iso(matrix, oriented_eigenvectors(matrix.T @ matrix, mean))
+    assert m["iso"] == pytest.approx(iso, rel=1e-10)
+    assert m["iso_both_signs"] == pytest.approx(iso_both, rel=1e-10)
+    centered = matrix - mean
+    iso, iso_both = direct_iso(centered, oriented_eigenvectors(centered.T @ centered, mean))
+    assert m["centered/iso"] == pytest.approx(iso, rel=1e-10)
+    assert m["centered/iso_both_signs"] == pytest.approx(iso_both, rel=1e-10)
+
+    units = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    cosines = units @ units.T
+    assert m["avg_cosine"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (rows * (rows - 1)), rel=1e-12)
+    units = centered / np.linalg.norm(centered, axis=1, keepdims=True)
+    cosines = units @ units.T
+    assert m["centered/avg_cosine"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (rows * (rows - 1)),
+                                                     rel=1e-10, abs=1e-14)
+
+    assert m["mean_norm"] == pytest.approx(np.linalg.norm(mean), rel=1e-12)
+    assert m["mean_norm_ratio"] == pytest.approx(np.linalg.norm(mean) / np.linalg.norm(matrix, axis=1).mean())
+
+    sigma = np.linalg.svd(matrix, compute_uv=False)
+    p = sigma / sigma.sum()
+    assert m["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert m["kappa"] == pytest.approx(sigma[-1] / sigma[0], rel=1e-9)
+    assert m["explained_variance_top1"] == pytest.approx(sigma[0] ** 2 / (sigma**2).sum(), rel=1e-9)
+    assert m["sigma_max"] == pytest.approx(sigma[0] / math.sqrt(rows), rel=1e-9)
+    sigma_c = np.linalg.svd(centered, compute_uv=False)
+    assert m["centered/kappa"] == pytest.approx(sigma_c[-1] / sigma_c[0], rel=1e-9)
+
+    # IsoScore as Rudman et al. (2022) state it: PCA, normalised variance vector, isotropy defect
+    variances = np.sort(np.linalg.eigvalsh(np.cov(matrix.T)))[::-1]
+    normalised = math.sqrt(dim) * variances / np.linalg.norm(variances)
+    defect = np.linalg.norm(normalised - 1) / math.sqrt(2 * (dim - math.sqrt(dim)))
+    fraction = (dim - defect**2 * (dim - math.sqrt(dim))) ** 2 / dim**2
+    assert m["isoscore"] == pytest.approx((dim * fraction - 1) / (dim - 1), rel=1e-9)
+
+
+def test_quick_isotropy_matches_the_full_set():
+    matrix = gaussian_cloud(500, 24, scale=0.5, seed=7) + 0.2
+    quick, full = quick_isotropy(matrix), embedding_metrics(matrix)
+    assert set(quick) == {"iso", "mean_norm_ratio", "avg_cosine"}
+    for key, value in quick.items():
+        assert value == pytest.approx(full[key], rel=1e-10), key
+
+
+def test_low_precision_inputs_are_measured_in_float64():
+    matrix = (gaussian_cloud(300, 16, scale=0.5, seed=8) + 0.1).to(torch.bfloat16)
+    low, exact = embedding_metrics(matrix), embedding_metrics(matrix.to(torch.float64))
+    assert low == exact
+
+
+# ------------------------------------------------------------------------------------------- token counts
+def test_seen_top_k_and_frequency_variants_are_the_metrics_of_their_row_sets():
+    matrix = gaussian_cloud(60, 6, scale=0.5, seed=9) + 0.3
+    counts = torch.tensor([0, 0, 5] + [int(c) for c in torch.randint(1, 6, (55,), generator=torch.Generator()
+                                                                      .manual_seed(0))], dtype=torch.int64)
+    m = embedding_metrics(matrix, counts, top_k=10)  # 58 counts for 60 rows: the last 2 rows count as unseen
+    seen = torch.cat([counts, torch.zeros(2, dtype=torch.int64)]) > 0
+    assert m["seen_rows"] == 56
+    for key, value in embedding_metrics(matrix[seen]).items():
+        assert m[f"seen/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    seen_counts = counts[seen[:58]]
+    order = torch.sort(seen_counts.to(torch.float64), descending=True, stable=True).indices[:10]
+    for key, value in embedding_metrics(matrix[seen][order]).items():
+        assert m[f"top10/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    # weighting by integer counts equals repeating each row count times (for metrics that are means over rows)
+    repeated = embedding_metrics(torch.repeat_interleave(matrix[seen], seen_counts, dim=0))
+    for key in ("iso", "iso_both_signs", "mean_norm", "mean_norm_ratio", "isoscore", "effective_rank", "kappa",
+                "centered/iso"):
+        assert m[f"freq/{key}"] == pytest.approx(repeated[key], rel=1e-9), key
+
+
+def test_gram_shortcut_for_few_unseen_rows_gives_the_same_seen_metrics():
+    matrix = gaussian_cloud(50, 5, scale=1.0, seed=10) + 0.5
+    counts = torch.ones(50)
+    counts[[3, 17]] = 0
+    m = embedding_metrics(matrix, counts)
+    direct = embedding_metrics(matrix[counts > 0])
+    for key, value in direct.items():
+        assert m[f"seen/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_rho_is_one_when_norms_grow_linearly_with_log_frequency():
+    counts = torch.arange(1, 201, dtype=torch.float64)
+    directions = torch.nn.functional.normalize(gaussian_cloud(200, 8, scale=1.0, seed=11), dim=1)
+    m = embedding_metrics(directions * (1.0 + 0.5 * counts.log())[:, None], counts)
+    assert m["rho"] == pytest.approx(1.0, abs=1e-12)
+    m = embedding_metrics(directions * (5.0 - 0.5 * counts.log())[:, None], counts)
+    assert m["rho"] == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_bad_counts_are_refused_with_a_reason():
+    matrix = gaussian_cloud(10, 4, scale=1.0)
+    with pytest.raises(ValueError, match="larger vocabulary"):
+        embedding_metrics(matrix, torch.ones(11))
+    with pytest.raises(ValueError, match="only 1 row"):
+        embedding_metrics(matrix, torch.tensor([3.0] + [0.0] * 9))
+    with pytest.raises(ValueError, match=">= 0"):
+        embedding_metrics(matrix, -torch.ones(10))
+
+
+def test_bad_matrices_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="2-D"):
+        embedding_metrics(torch.ones(5))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        embedding_metrics(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match="floating-point"):
+        embedding_metrics(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        embedding_metrics(torch.ones(1, 3))
+
+
+def test_read_token_counts_accepts_lists_dicts_and_files(tmp_path):
+    assert read_token_counts([1, 0, 2]).tolist() == [1.0, 0.0, 2.0]
+    assert read_token_counts({"0": 4, "3": 1}).tolist() == [4.0, 0.0, 0.0, 1.0]
+    (tmp_path / "c.json").write_text('{"counts": [2, 3]}')
+    assert read_token_counts(str(tmp_path / "c.json")).tolist() == [2.0, 3.0]
+    np.save(tmp_path / "c.npy", np.array([1, 2, 3]))
+    assert read_token_counts(str(tmp_path / "c.npy")).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(FileNotFoundError):
+        read_token_counts(str(tmp_path / "missing.json"))
+
+
+# ------------------------------------------------------------------------------------ helpers for the plots
+def test_singular_values_and_projection_helpers():
+    matrix = gaussian_cloud(100, 6, scale=1.0, seed=12) + 3 * unit(6, 4)
+    sigma = singular_values(matrix)
+    assert torch.allclose(sigma, torch.linalg.svdvals(matrix))
+    coordinates, mean = pca_projection(matrix)
+    # uncentered: the first direction is the drift, so the cloud sits about 3 away from the origin
+    assert coordinates.shape == (100, 2) and mean[0] == pytest.approx(3.0, abs=0.3)
+    coordinates, mean = pca_projection(matrix, centered=True)
+    assert torch.allclose(coordinates.mean(dim=0), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_give_the_cpu_values():
+    matrix = gaussian_cloud(2000, 64, scale=0.5, seed=13) + 0.1
+    counts = torch.randint(0, 50, (2000,))
+    cpu, gpu = embedding_metrics(matrix, counts), embedding_metrics(matrix.cuda(), counts.cuda())
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
