@@ -1,6 +1,8 @@
 """Coupled Adam for the Hugging Face stack.
 
 - :class:`CoupledAdam`: the optimizer (a ``torch.optim.Optimizer``; knows nothing of transformers).
+- :func:`partition_parameters`: a model's param groups (coupled embeddings, decayed, not decayed).
+- :class:`CoupledAdamTrainingArguments`, :class:`CoupledAdamTrainer`: ``--optim coupled_adam`` for ``Trainer``.
 """
 
 from .optimizer import CoupledAdam, coupled_adam
@@ -8,3 +10,21 @@ from .optimizer import CoupledAdam, coupled_adam
 __version__ = "0.1.0"
 
 __all__ = ["CoupledAdam", "coupled_adam", "__version__"]
+
+# Hugging Face integration, imported on first use so that `import coupled_adam_hf` stays light (no transformers).
+_LAZY_HF_EXPORTS = {
+    "CoupledAdamTrainer": ".trainer",
+    "GradientValueClippingCallback": ".trainer",
+    "CoupledAdamTrainingArguments": ".training_args",
+    "partition_parameters": ".partition",
+    "find_coupled_parameters": ".partition",
+}
+__all__ += list(_LAZY_HF_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _LAZY_HF_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_HF_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

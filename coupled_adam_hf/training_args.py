@@ -1,0 +1,179 @@
+"""``TrainingArguments`` that know ``--optim coupled_adam`` and the coupling options.
+
+``TrainingArguments.optim`` is typed with the enum ``OptimizerNames``: ``HfArgumentParser`` turns an enum field
+into an argparse ``choices`` list, and ``__post_init__`` converts the value with ``OptimizerNames(...)``. An enum
+with members cannot be subclassed, so this module builds ``CoupledAdamOptimizerNames`` = every ``OptimizerNames``
+member (whatever the installed transformers has) + ``COUPLED_ADAM``, retypes the ``optim`` field with it (so
+``--help`` lists ``coupled_adam`` and a typo fails at parse time with the choices), and lets the base class
+validate built-in names as before. Built-in names end up as ``OptimizerNames`` members, exactly as with plain
+``TrainingArguments``; ``coupled_adam`` ends up as ``CoupledAdamOptimizerNames.COUPLED_ADAM`` (a ``str`` enum, so
+``args.optim == "coupled_adam"``; ``to_dict()`` writes ``"coupled_adam"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+from transformers.utils import ExplicitEnum
+
+from .partition import DEFAULT_TARGETS, TARGET_KINDS, parse_targets
+
+__all__ = ["COUPLED_ADAM", "CoupledAdamOptimizerNames", "CoupledAdamTrainingArguments", "COUPLED_ADAM_OPTIM_ARGS"]
+
+COUPLED_ADAM = "coupled_adam"
+
+CoupledAdamOptimizerNames = ExplicitEnum(
+    "CoupledAdamOptimizerNames",
+    [(member.name, member.value) for member in OptimizerNames] + [("COUPLED_ADAM", COUPLED_ADAM)],
+    module=__name__,
+)
+CoupledAdamOptimizerNames.__doc__ = "Every `transformers.training_args.OptimizerNames` value plus `coupled_adam`."
+
+#: Keys ``--optim_args`` accepts with ``coupled_adam`` (booleans: true/false).
+COUPLED_ADAM_OPTIM_ARGS = ("amsgrad", "maximize", "foreach", "fused")
+
+_TARGETS_HELP = (
+    "Which embeddings Coupled Adam couples (comma-separated): "
+    f"{', '.join(TARGET_KINDS)} (keywords: input embeddings, LM head - coupled once when tied -, learned "
+    "absolute position embeddings, BERT segment embeddings), 'all', 'none', or fnmatch patterns on module or "
+    "parameter names such as '*.embed_positions'. Rotary models simply have no position embeddings. The paper "
+    "couples only the tied token embedding: 'token'."
+)
+
+
+@dataclass
+class CoupledAdamTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus ``optim="coupled_adam"`` and the options of the coupled parameter group.
+
+    Use with :class:`coupled_adam_hf.CoupledAdamTrainer`. With ``optim="coupled_adam"`` the optimizer is
+    :class:`coupled_adam_hf.CoupledAdam` with the groups of :func:`coupled_adam_hf.partition_parameters`; with any
+    other ``optim`` training is plain ``Trainer`` (unless ``baseline_grouping``).
+    """
+
+    optim: CoupledAdamOptimizerNames | str = field(  # type: ignore[valid-type]
+        default=TrainingArguments.default_optim,
+        metadata={
+            "help": "The optimizer to use: 'coupled_adam' (Coupled Adam on the embeddings named by "
+            "--coupled_targets, AdamW elsewhere) or any optimizer of transformers' OptimizerNames."
+        },
+    )
+    coupled_targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": _TARGETS_HELP})
+    coupled_weight_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Decoupled weight decay of the coupled embedding group (the paper: 0.0 for the embeddings; "
+            "--weight_decay applies to the other matrices)."
+        },
+    )
+    coupled_avg_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "The paper's scaled variant: the coupled second moment is multiplied by this factor, so the "
+            "embedding step shrinks by 1/sqrt(factor). 1.0 is plain Coupled Adam."
+        },
+    )
+    coupled_compact_state: bool = field(
+        default=True,
+        metadata={
+            "help": "Store the coupled second moment as one value per hidden dim ([1, H], saves V*H floats per "
+            "coupled matrix) instead of per element ([V, H], as the paper's code). Same updates up to rounding."
+        },
+    )
+    coupled_nonfinite: Literal["skip", "raise", "ignore"] = field(
+        default="skip",
+        metadata={
+            "help": "What Coupled Adam does when a coupled gradient holds inf/NaN (which the shared mean would "
+            "spread to every row): skip the step with a warning, raise, or ignore (no check)."
+        },
+    )
+    baseline_grouping: bool = field(
+        default=False,
+        metadata={
+            "help": "With an optim other than coupled_adam: give the --coupled_targets embeddings a group of their "
+            "own with --coupled_weight_decay, exactly the groups coupled_adam uses but uncoupled. That is the "
+            "paper's AdamW baseline (embedding decay 0). Default: Trainer's own grouping."
+        },
+    )
+    max_grad_value: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip every gradient element to [-v, v] before each optimizer step (after the clipping by "
+            "norm of --max_grad_norm, on unscaled gradients). Default: no clipping by value."
+        },
+    )
+    isotropy_logging_steps: int = field(
+        default=100,
+        metadata={
+            "help": "Log the isotropy of the embeddings every N optimizer steps (EmbeddingIsotropyCallback); "
+            "0 disables it."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.coupled_targets, (list, tuple)):  # a YAML/JSON list
+            self.coupled_targets = ",".join(str(t) for t in self.coupled_targets)
+        # Unknown names fail here with the full list of choices (ExplicitEnum's message).
+        requested = CoupledAdamOptimizerNames(getattr(self.optim, "value", self.optim))
+        is_coupled = requested.value == COUPLED_ADAM
+        # The base class converts with OptimizerNames(...): give it a name it knows, then put ours back.
+        self.optim = OptimizerNames.ADAMW_TORCH.value if is_coupled else requested.value
+        super().__post_init__()
+        if is_coupled:
+            self.optim = requested
+        self._validate_coupling()
+
+    @property
+    def uses_coupled_adam(self) -> bool:
+        return self.optim == COUPLED_ADAM
+
+    @property
+    def coupled_target_list(self) -> tuple[str, ...]:
+        """``coupled_targets`` parsed: keywords and patterns, ``()`` for none."""
+        return parse_targets(self.coupled_targets)
+
+    def _validate_coupling(self) -> None:
+        try:
+            self.coupled_target_list  # noqa: B018 - parse for its errors
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--coupled_targets {self.coupled_targets!r}: {error}") from None
+        if not self.coupled_weight_decay >= 0.0:
+            raise ValueError(f"--coupled_weight_decay must be >= 0, got {self.coupled_weight_decay}")
+        if not self.coupled_avg_scale > 0.0:
+            raise ValueError(f"--coupled_avg_scale must be > 0, got {self.coupled_avg_scale}")
+        if self.coupled_nonfinite not in ("skip", "raise", "ignore"):
+            raise ValueError(f"--coupled_nonfinite must be skip, raise or ignore, got {self.coupled_nonfinite!r}")
+        if self.max_grad_value is not None and not self.max_grad_value > 0.0:
+            raise ValueError(f"--max_grad_value must be > 0 (or left unset), got {self.max_grad_value}")
+        if self.isotropy_logging_steps < 0:
+            raise ValueError(f"--isotropy_logging_steps must be >= 0 (0 disables), got {self.isotropy_logging_steps}")
+        if self.uses_coupled_adam:
+            self.coupled_adam_optim_kwargs()  # parse --optim_args for its errors
+
+    def coupled_adam_optim_kwargs(self) -> dict[str, bool]:
+        """``--optim_args`` for coupled_adam, e.g. ``"amsgrad=true,fused=false"``, as constructor kwargs."""
+        if not self.optim_args:
+            return {}
+        kwargs: dict[str, bool] = {}
+        for item in self.optim_args.replace(" ", "").split(","):
+            key, sep, value = item.partition("=")
+            if not sep or key not in COUPLED_ADAM_OPTIM_ARGS or value.lower() not in ("true", "false"):
+                raise ValueError(
+                    f"--optim_args {self.optim_args!r}: coupled_adam accepts key=true|false pairs for keys "
+                    f"{', '.join(COUPLED_ADAM_OPTIM_ARGS)} (betas, eps and lr have their own flags: --adam_beta1, "
+                    "--adam_beta2, --adam_epsilon, --learning_rate)."
+                )
+            kwargs[key] = value.lower() == "true"
+        return kwargs
+
+    def set_optimizer(self, name: str = "adamw_torch", *args, **kwargs):
+        """``TrainingArguments.set_optimizer`` that also takes ``name="coupled_adam"``."""
+        requested = CoupledAdamOptimizerNames(getattr(name, "value", name))
+        is_coupled = requested.value == COUPLED_ADAM
+        super().set_optimizer(OptimizerNames.ADAMW_TORCH if is_coupled else requested.value, *args, **kwargs)
+        if is_coupled:
+            self.optim = requested
+            self._validate_coupling()
+        return self
