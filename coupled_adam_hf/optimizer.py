@@ -189,7 +189,6 @@ class CoupledAdam(Optimizer):
             and not group["coupled"]
             and p.dtype == _state_dtype(p)
             and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            and not _is_dtensor(p)
         )
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
@@ -217,9 +216,9 @@ class CoupledAdam(Optimizer):
     def _zeros_column_state(self, p: Tensor, dtype: torch.dtype) -> Tensor:
         shape = (1, *p.shape[1:])
         if _is_dtensor(p):
-            from .distributed import replicated_zeros
+            from .distributed import column_state_zeros
 
-            return replicated_zeros(p, shape, dtype)
+            return column_state_zeros(p, shape, dtype)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
     # ------------------------------------------------------------------ step
@@ -243,6 +242,7 @@ class CoupledAdam(Optimizer):
                     self._grad_sq_column_mean(p, g)
                     for p, g in zip(batch["params"], batch["grads"])
                 ]
+                self._drop_stand_ins_nobody_needs(batch)
         if self.nonfinite != "ignore" and not self._coupled_grads_finite(batches):
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -293,24 +293,70 @@ class CoupledAdam(Optimizer):
             "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "torch_fused", "column_means"
         )}
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
+            grad = p.grad
+            if grad is None:
+                if not hasattr(self._column_reducer(group, p), "any_rank_has_grad"):
+                    continue
+                # rows split over ranks: this rank still joins the column all-reduce, with zero rows
+                # (dropped again after it if no rank had a gradient; see _drop_stand_ins_nobody_needs)
+                grad = torch.zeros_like(p)
+            elif _is_dtensor(p):
+                from .distributed import grad_with_param_layout
+
+                grad = grad_with_param_layout(p, grad)
+            if group["coupled"] and p.dim() < 2:
+                raise ValueError(
+                    f"CoupledAdam: coupled {_param_label(group, p, index)} is {p.dim()}-D at step time: something "
+                    "flattened it after the optimizer was built (DeepSpeed ZeRO, FSDP1 and XLA FSDP do). The rows "
+                    "the coupled mean runs over are lost; use DDP or FSDP2 (fsdp_version: 2) instead."
+                )
+            if grad.is_sparse:
                 raise ValueError(
                     f"CoupledAdam does not support sparse gradients ({_param_label(group, p, index)}); "
                     "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
                 )
             state = self._init_state(group, p)
             batch["params"].append(p)
-            batch["grads"].append(p.grad)
+            batch["grads"].append(grad)
             batch["exp_avgs"].append(state["exp_avg"])
             batch["exp_avg_sqs"].append(state["exp_avg_sq"])
             if group["amsgrad"]:
                 batch["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
             batch["steps"].append(state["step"])
             batch["torch_fused"].append(self._uses_torch_fused(group, p))
-            batch["column_means"].append(self._column_reducers.get(p))
+            batch["column_means"].append(self._column_reducer(group, p))
         return batch
+
+    def _column_reducer(self, group: dict[str, Any], p: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """Reducer of a coupled tensor whose rows are split over ranks, else None.
+
+        Derived on first use from the DTensor's own placements, because accelerate swaps the optimizer's
+        parameters for DTensors after the optimizer is built.
+        """
+        if group["coupled"] and _is_dtensor(p) and p not in self._column_reducers:
+            from .distributed import row_sharded_column_mean
+
+            self._column_reducers[p] = row_sharded_column_mean(p)
+        return self._column_reducers.get(p)
+
+    def _drop_stand_ins_nobody_needs(self, batch: dict[str, Any]) -> None:
+        """Undo the zero stand-in of a row-sharded coupled tensor when no rank had a gradient for it.
+
+        Then every rank skips it, as a single process skips a tensor without gradient; if some rank had one,
+        this rank steps with zero gradient rows, as the unsharded tensor would.
+        """
+        params = batch["params"]
+        unused = [
+            i for i, p in enumerate(params)
+            if p.grad is None and not batch["column_means"][i].any_rank_has_grad()
+        ]
+        n = len(params)
+        for i in reversed(unused):
+            if int(self.state[params[i]]["step"]) == 0:
+                del self.state[params[i]]  # created by this step's _collect only
+            for values in batch.values():
+                if isinstance(values, list) and len(values) == n:
+                    del values[i]
 
     def _grad_sq_column_mean(self, p: Tensor, grad: Tensor) -> Tensor:
         """Global per-column mean of g*g over rows, shape [1, *shape[1:]], in the state dtype.
@@ -328,13 +374,20 @@ class CoupledAdam(Optimizer):
             return reducer(col_sum)
         return col_sum.div_(g.shape[0])
 
-    @staticmethod
-    def _coupled_grads_finite(batches: list[dict[str, Any]]) -> bool:
+    def _coupled_grads_finite(self, batches: list[dict[str, Any]]) -> bool:
         stats = [s.sum() for b in batches for s in b.get("grad_sq_means") or ()]
-        if not stats:
+        sharded = [p for g in self.param_groups if g["coupled"] for p in g["params"] if _is_dtensor(p)]
+        if not stats and not sharded:
             return True
+        finite = torch.isfinite(torch.stack([s.to(stats[0].device) for s in stats])).all() if stats else (
+            torch.tensor(True))
+        if sharded:
+            # ranks holding different columns of a coupled tensor must all skip, or none
+            from .distributed import all_ranks_finite
+
+            finite = all_ranks_finite(finite, sharded)
         # one host sync per step, on a handful of scalars
-        return bool(torch.isfinite(torch.stack([s.to(stats[0].device) for s in stats])).all())
+        return bool(finite)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -373,6 +426,10 @@ class CoupledAdam(Optimizer):
                     original = saved_state[pid][key]
                     state[key] = _to_like(original, p, dtype)
             _convert_second_moments(state, group, p, index)
+            if _is_dtensor(p):
+                from .distributed import lay_out_state_like_param
+
+                lay_out_state_like_param(state, p, dtype, coupled=group["coupled"], compact=group["compact"])
             step_device = p.device if self._uses_torch_fused(group, p) else torch.device("cpu")
             if "step" in state:
                 # a copy: torch's loader hands back the very step tensor of the source optimizer
@@ -533,8 +590,8 @@ def coupled_adam(
     if fused_idx:
         pick = lambda xs: [xs[i] for i in fused_idx]  # noqa: E731
         _torch_adamw(
-            [_local(t) for t in pick(params)], [_local(t) for t in pick(grads)], pick(exp_avgs), pick(exp_avg_sqs),
-            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), fused=True, **hyper,
+            *([_local(t) for t in pick(xs)] for xs in (params, grads, exp_avgs, exp_avg_sqs)),
+            [_local(t) for t in pick(max_exp_avg_sqs)] if amsgrad else [], pick(state_steps), fused=True, **hyper,
         )
     if other_idx:
         pick = lambda xs: [xs[i] for i in other_idx]  # noqa: E731
