@@ -273,3 +273,32 @@ def test_coupled_parameter_flattened_after_construction_is_refused_at_step():
     with pytest.raises(ValueError, match=r"1-D at step time.*DeepSpeed ZeRO.*FSDP2"):
         optimizer.step()
     assert torch.equal(flat.detach(), before)
+
+
+def _launcher_environment(config_file: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file CONFIG` gives the training processes (parsed, not run)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+def test_shipped_fsdp2_accelerate_config_launches_fsdp2_and_passes_the_check(clean_launcher_env, tmp_path):
+    import yaml
+
+    config_file = Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp2.yaml"
+    env = _launcher_environment(config_file)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        clean_launcher_env.setenv(name, env[name])
+    check_supported_parallelism()
+
+    fsdp1 = yaml.safe_load(config_file.read_text())
+    fsdp1["fsdp_config"]["fsdp_version"] = 1
+    fsdp1_file = tmp_path / "fsdp1.yaml"
+    fsdp1_file.write_text(yaml.safe_dump(fsdp1))
+    clean_launcher_env.setenv("FSDP_VERSION", _launcher_environment(fsdp1_file)["FSDP_VERSION"])
+    with pytest.raises(ValueError, match="FSDP1"):
+        check_supported_parallelism()
