@@ -1,0 +1,197 @@
+"""``Trainer`` with ``optim="coupled_adam"``: wires :func:`partition_parameters` to :class:`CoupledAdam`.
+
+With ``optim="coupled_adam"`` the optimizer gets three param groups: the coupled embeddings (``coupled=True``,
+weight decay ``coupled_weight_decay``), the decayed matrices (``weight_decay``) and the biases and norms (no
+decay), split by ``Trainer.get_decay_parameter_names``. With any other ``optim`` the trainer is ``Trainer``, unless
+``baseline_grouping=True`` asks for the same three groups, uncoupled (the paper's AdamW baseline).
+
+Everything else (gradient accumulation, clipping by norm, mixed precision, DDP, checkpoints, schedulers, logging)
+is ``Trainer``'s own. This module adds two callbacks: clipping by value (``max_grad_value``) and, when
+``isotropy_logging_steps > 0``, ``coupled_adam_hf.callbacks.EmbeddingIsotropyCallback``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_optimizer import is_optimizer_factory
+
+from .optimizer import CoupledAdam
+from .partition import EmbeddingParameter, find_coupled_parameters, parse_targets, partition_parameters
+from .training_args import COUPLED_ADAM
+
+__all__ = ["CoupledAdamTrainer", "GradientValueClippingCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class GradientValueClippingCallback(TrainerCallback):
+    """Clip every gradient element to ``[-max_value, max_value]`` right before the optimizer step.
+
+    ``Trainer`` calls ``on_pre_optimizer_step`` after its clipping by norm, when the gradients are accumulated,
+    reduced over data-parallel ranks and unscaled (the norm computation unscales fp16 gradients).
+    """
+
+    def __init__(self, max_value: float):
+        if not max_value > 0:
+            raise ValueError(f"max_value must be > 0, got {max_value}")
+        self.max_value = float(max_value)
+
+    def on_pre_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        if model is None:
+            return
+        torch.nn.utils.clip_grad_value_(model.parameters(), self.max_value)
+
+
+def _isotropy_callback_class() -> type[TrainerCallback] | None:
+    """``EmbeddingIsotropyCallback`` if ``coupled_adam_hf.callbacks`` is installed (errors inside it propagate)."""
+    if importlib.util.find_spec(f"{__package__}.callbacks") is None:
+        return None
+    from .callbacks import EmbeddingIsotropyCallback
+
+    return EmbeddingIsotropyCallback
+
+
+class CoupledAdamTrainer(Trainer):
+    """A ``Trainer`` that builds :class:`CoupledAdam` for ``args.optim == "coupled_adam"``.
+
+    Args are those of ``Trainer``; the coupling options are read from
+    :class:`coupled_adam_hf.CoupledAdamTrainingArguments` (with plain ``TrainingArguments`` it is ``Trainer``).
+
+    After ``create_optimizer()``, ``self.coupled_parameters`` lists what is coupled (name, shape, role); the list is
+    logged once, on the main process, at INFO level (like ``Trainer``'s own start-of-training lines).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.coupled_parameters: list[EmbeddingParameter] = []
+        self._coupling_logged = False
+        for callback in self._coupling_callbacks():
+            self.add_callback(callback)
+        if self.uses_coupled_adam:
+            self.check_sharding_supported()
+
+    # ------------------------------------------------------------------ options
+    @property
+    def uses_coupled_adam(self) -> bool:
+        return self.args.optim == COUPLED_ADAM and self.optimizer_cls_and_kwargs is None
+
+    def _option(self, name: str, default: Any) -> Any:
+        return getattr(self.args, name, default)
+
+    @property
+    def coupled_targets(self) -> tuple[str, ...]:
+        return parse_targets(self._option("coupled_targets", None))
+
+    def _coupling_callbacks(self) -> list[TrainerCallback]:
+        callbacks: list[TrainerCallback] = []
+        max_grad_value = self._option("max_grad_value", None)
+        if max_grad_value is not None:
+            callbacks.append(GradientValueClippingCallback(max_grad_value))
+        every = self._option("isotropy_logging_steps", 0)
+        if every and every > 0:
+            isotropy_callback = _isotropy_callback_class()
+            present = self.callback_handler.callbacks
+            if isotropy_callback is not None and not any(isinstance(c, isotropy_callback) for c in present):
+                callbacks.append(isotropy_callback(every_n_steps=every))
+        return callbacks
+
+    # ------------------------------------------------------------------ distributed support
+    def check_sharding_supported(self) -> None:
+        """Refuse setups whose parameters are sharded: the coupled mean would be taken over a shard only.
+
+        Supported: one device, and data parallelism with replicated parameters (DDP through ``torchrun`` or
+        ``accelerate launch``, multi-GPU and multi-node). Not yet: FSDP, DeepSpeed, tensor parallelism.
+        """
+        unsupported = []
+        if self.is_deepspeed_enabled or self.args.deepspeed:
+            unsupported.append("DeepSpeed")
+        if self.is_fsdp_enabled or self.args.fsdp or getattr(self, "is_fsdp_xla_enabled", False):
+            unsupported.append("FSDP")
+        if (getattr(self.model, "tp_size", None) or 1) > 1:
+            unsupported.append("tensor parallelism (model loaded with a tp_plan)")
+        config = self.args.parallelism_config
+        if config is not None and any(
+            (getattr(config, size, None) or 1) > 1 for size in ("tp_size", "cp_size", "dp_shard_size", "sp_size")
+        ):
+            unsupported.append(f"parallelism_config {config}")
+        if unsupported:
+            raise ValueError(
+                f"optim='coupled_adam' does not support {' and '.join(unsupported)} yet: it couples each embedding "
+                "matrix over all of its rows and needs the full matrix on every rank. Supported: a single device "
+                "or data parallelism with replicated parameters (DDP: `accelerate launch --multi_gpu` or `torchrun` "
+                "without --fsdp/--deepspeed). Alternatively train with --optim adamw_torch_fused."
+            )
+
+    # ------------------------------------------------------------------ optimizer
+    def coupled_param_groups(self, model: nn.Module, coupled: bool = True) -> list[dict[str, Any]]:
+        """The three param groups (see :func:`coupled_adam_hf.partition_parameters`) with this run's options."""
+        return partition_parameters(
+            model,
+            self.coupled_targets,
+            weight_decay=self.args.weight_decay,
+            coupled_weight_decay=self._option("coupled_weight_decay", 0.0),
+            decay_parameter_names=self.get_decay_parameter_names(model),
+            coupled=coupled,
+        )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if self.uses_coupled_adam:
+            self.check_sharding_supported()
+            self.optimizer = self._create_coupled_adam(opt_model)
+        elif self._option("baseline_grouping", False):
+            self.optimizer = self._create_baseline_optimizer(opt_model)
+        else:
+            return super().create_optimizer(model)
+        self.coupled_parameters = find_coupled_parameters(opt_model, self.coupled_targets)
+        self._log_coupling(opt_model)
+        return self.optimizer
+
+    def _create_coupled_adam(self, model: nn.Module) -> CoupledAdam:
+        args = self.args
+        extra = args.coupled_adam_optim_kwargs() if hasattr(args, "coupled_adam_optim_kwargs") else {}
+        return CoupledAdam(
+            self.coupled_param_groups(model, coupled=True),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+            avg_scale=self._option("coupled_avg_scale", 1.0),
+            compact=self._option("coupled_compact_state", True),
+            nonfinite=self._option("coupled_nonfinite", "skip"),
+            **extra,
+        )
+
+    def _create_baseline_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        builds_own_groups = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if is_optimizer_factory(optimizer_cls) or builds_own_groups:
+            raise ValueError(
+                f"--baseline_grouping needs an optimizer that takes param groups; optim={self.args.optim!r} builds "
+                "its own. Use it with adamw_torch, adamw_torch_fused, sgd, adafactor and the like."
+            )
+        groups = [{k: v for k, v in g.items() if k != "coupled"} for g in self.coupled_param_groups(model, False)]
+        return optimizer_cls(groups, **optimizer_kwargs)
+
+    def _log_coupling(self, model: nn.Module) -> None:
+        if self._coupling_logged or not self.is_world_process_zero():
+            return
+        self._coupling_logged = True
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        coupled = sum(e.numel for e in self.coupled_parameters)
+        what = "couples" if self.uses_coupled_adam else "groups (uncoupled baseline, same groups as coupled_adam)"
+        lines = [
+            f"{type(self.optimizer).__name__} {what} {len(self.coupled_parameters)} embedding tensor(s), "
+            f"{coupled:,} of {trainable:,} trainable parameters ({100.0 * coupled / max(trainable, 1):.1f}%), "
+            f"weight decay {self._option('coupled_weight_decay', 0.0)}:"
+        ]
+        lines += [f"  {e.describe()}" for e in self.coupled_parameters]
+        logger.info("\n".join(lines))
