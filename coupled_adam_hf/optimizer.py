@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _torch_adamw
 
+from . import _kernels
+
 __all__ = ["CoupledAdam", "coupled_adam"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -238,8 +240,9 @@ class CoupledAdam(Optimizer):
         # They feed the compact second moment and the non-finite check.
         for group, batch in zip(self.param_groups, batches):
             if group["coupled"]:
+                implementation = self._implementation(group)
                 batch["grad_sq_means"] = [
-                    self._grad_sq_column_mean(p, g)
+                    self._grad_sq_column_mean(p, g, implementation)
                     for p, g in zip(batch["params"], batch["grads"])
                 ]
                 self._drop_stand_ins_nobody_needs(batch)
@@ -358,17 +361,21 @@ class CoupledAdam(Optimizer):
                 if isinstance(values, list) and len(values) == n:
                     del values[i]
 
-    def _grad_sq_column_mean(self, p: Tensor, grad: Tensor) -> Tensor:
+    def _grad_sq_column_mean(self, p: Tensor, grad: Tensor, implementation: str = "single_tensor") -> Tensor:
         """Global per-column mean of g*g over rows, shape [1, *shape[1:]], in the state dtype.
 
-        A reduction kernel (vector norm) reads g once and allocates nothing of size [V, H].
+        A reduction kernel reads g once and allocates nothing of size [V, H]: vector norm for the reference
+        path; for the others the faster column sums of ``_kernels`` (compiled on the fused path when wanted).
         """
         g = _local(grad)
         dtype = _state_dtype(p)
         if g.shape[0] == 0:
             col_sum = torch.zeros((1, *g.shape[1:]), dtype=dtype, device=g.device)
-        else:
+        elif implementation == "single_tensor":
             col_sum = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=dtype).square_()
+        else:
+            compiled = implementation == "fused" and _kernels.compile_wanted(g)
+            col_sum = _kernels.column_sq_sum(g, dtype, compiled=compiled)
         reducer = self._column_reducers.get(p)
         if reducer is not None:
             return reducer(col_sum)
@@ -577,7 +584,8 @@ def coupled_adam(
     n = len(params)
     column_means = column_means or [None] * n
     if coupled:
-        kernel = _single_tensor_coupled if implementation == "single_tensor" else _multi_tensor_coupled
+        kernel = {"single_tensor": _single_tensor_coupled, "foreach": _multi_tensor_coupled,
+                  "fused": _fused_coupled}[implementation]
         kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means, column_means,
                compact=compact, avg_scale=avg_scale, **hyper)
         return
@@ -585,7 +593,10 @@ def coupled_adam(
         _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **hyper)
         return
     torch_fused = torch_fused or [False] * n
-    fused_idx = [i for i in range(n) if torch_fused[i]] if implementation == "fused" else []
+    # Inside an outer torch.compile, torch's fused kernel is opaque (a graph break, and dynamo then runs the whole
+    # step eagerly); the multi-tensor ops trace, and the compiler fuses them itself.
+    use_torch_fused = implementation == "fused" and not torch.compiler.is_compiling()
+    fused_idx = [i for i in range(n) if torch_fused[i]] if use_torch_fused else []
     other_idx = [i for i in range(n) if i not in set(fused_idx)]
     if fused_idx:
         pick = lambda xs: [xs[i] for i in fused_idx]  # noqa: E731
@@ -738,3 +749,44 @@ def _multi_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         denom = v_col.mul(avg_scale / (bc2_sqrt * bc2_sqrt)).sqrt_().add_(eps)
         p.addcdiv_(m, denom, value=-lr / bc1)
         _write_back(param, p)
+
+
+# --- fused: compiled one-pass kernels for large coupled tensors ------------------------------------------------
+def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means,
+                   column_means, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize):
+    """The multi-tensor math, with the [V, H] work done by one compiled pass (see ``_kernels``).
+
+    Reads p, g, m and writes p, m once (plus v in full-state mode). Tensors that ``_kernels.compile_wanted``
+    declines (small ones, by default) take the eager multi-tensor ops.
+    """
+    hyper = dict(compact=compact, avg_scale=avg_scale, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+                 weight_decay=weight_decay, eps=eps, maximize=maximize)
+    for i, param in enumerate(params):
+        p = _local(param)
+        if not _kernels.compile_wanted(p):
+            _multi_tensor_coupled([param], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
+                                  [max_exp_avg_sqs[i]] if amsgrad else [], [state_steps[i]], [grad_sq_means[i]],
+                                  [column_means[i]], **hyper)
+            continue
+        m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
+        step += 1
+        bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+
+        grad_sq_mean = _local(grad_sq_means[i])
+        if compact:
+            v_col = v.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
+        else:
+            # v is updated inside the one pass below, so its new column mean comes from linearity:
+            # mean(b2 v + (1 - b2) g^2) = b2 mean(v) + (1 - b2) mean(g^2), one read of the old v
+            v_sum = _kernels.column_sum(v, v.dtype, compiled=True)
+            reducer = column_means[i]
+            v_mean = reducer(v_sum) if reducer is not None else v_sum.div_(v.shape[0])
+            v_col = v_mean.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
+        if amsgrad:
+            vmax = _local(max_exp_avg_sqs[i])
+            torch.maximum(vmax, v_col, out=vmax)
+            v_col = vmax
+        denom = v_col.mul(avg_scale / (bc2_sqrt * bc2_sqrt)).sqrt_().add_(eps)
+        _kernels.coupled_update_(
+            p, _local(grads[i]), m, denom, decay=1 - lr * weight_decay, beta1=beta1, neg_step_size=-lr / bc1,
+            maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=True)

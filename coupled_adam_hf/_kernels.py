@@ -1,0 +1,191 @@
+"""Fast kernels for coupled (embedding) tensors.
+
+A coupled matrix ``E`` of shape ``[V, H]`` needs no per-element second moment, so its step can move fewer bytes
+than AdamW's (SPEC §6): one read of ``g`` for the per-column statistics, then one pass that reads ``p, g, m`` and
+writes ``p, m`` (24 bytes per fp32 parameter, against AdamW's 28). Plain torch ops cannot reach that: every op is
+its own pass over ``[V, H]`` memory (``m.lerp_`` and ``p.addcdiv_`` alone move 24 bytes), and on CPU torch's
+column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwidth. So both kernels here exist
+twice, with the same math:
+
+- compiled by ``torch.compile`` (inductor: vectorized C++ on CPU, Triton on CUDA), one kernel per pass;
+- as eager torch ops, the fallback when compiling is off, impossible, or fails.
+
+When to compile is decided per tensor by :func:`compile_wanted`, from the environment variable
+``COUPLED_ADAM_COMPILE``:
+
+- ``auto`` (default): compile tensors with at least :data:`AUTO_COMPILE_MIN_NUMEL` elements. Compiling costs
+  seconds once per process (about 10-20 s on a 2-core CPU), which only pays off for real embedding matrices;
+  small models, and the test suite, stay on eager ops;
+- ``1`` / ``always``: compile every coupled tensor; ``0`` / ``never``: never compile.
+
+A failed compile (no C++ compiler, no Triton, an inductor bug) is logged at debug level and that kernel stays
+eager for the rest of the process. Inside an outer ``torch.compile`` (a compiled training step) the eager math is
+used, so the outer graph captures and fuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AUTO_COMPILE_MIN_NUMEL", "column_sq_sum", "column_sum", "compile_wanted", "coupled_update_"]
+
+#: ``COUPLED_ADAM_COMPILE=auto`` compiles coupled tensors from this size on (2**24 elements: a 32k x 512 matrix;
+#: GPT-2's 50304 x 768 is 2.3x that). Below it, a step saves too little to repay the one-off compile time.
+AUTO_COMPILE_MIN_NUMEL = 1 << 24
+
+# A column reduction over [V, N] is computed as CHUNKS partial sums over contiguous row blocks: each block is a
+# [V / CHUNKS, N] slab read front to back (streaming reads, vectorized along the contiguous N axis) instead of
+# a strided walk down every column, which runs several times slower on CPU.
+_CHUNKS = 64
+# Eager fallback on CPU: rows per block of the accumulation loop (a [256, N] float32 accumulator stays in cache).
+_EAGER_BLOCK_ROWS = 256
+
+_COMPILE_ENV = "COUPLED_ADAM_COMPILE"
+_broken: set[str] = set()  # kernels whose compilation failed in this process
+_compiled: dict[str, Callable[..., Any]] = {}
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def compile_policy() -> str:
+    """``auto``, ``always`` or ``never``, from ``COUPLED_ADAM_COMPILE``."""
+    raw = os.environ.get(_COMPILE_ENV, "auto").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on", "always"):
+        return "always"
+    if raw in ("0", "false", "no", "off", "never"):
+        return "never"
+    raise ValueError(f"{_COMPILE_ENV}={raw!r} is not understood; use auto, 1 (always) or 0 (never)")
+
+
+def compile_wanted(t: Tensor) -> bool:
+    """Whether the fused path should run compiled kernels on tensor ``t`` (a plain, local tensor)."""
+    if t.device.type not in ("cpu", "cuda"):
+        return False
+    if torch.compiler.is_compiling():  # an outer torch.compile traces the eager math itself
+        return False
+    policy = compile_policy()
+    if policy == "never":
+        return False
+    return policy == "always" or t.numel() >= AUTO_COMPILE_MIN_NUMEL
+
+
+def _run_compiled(name: str, eager: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``eager`` compiled; on any compile failure fall back to it (and never try that kernel again)."""
+    if name not in _broken:
+        fn = _compiled.get(name)
+        if fn is None:
+            fn = _compiled[name] = torch.compile(eager, fullgraph=True)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager kernel
+            _broken.add(name)
+            logger.debug("coupled_adam_hf: torch.compile of %s failed, using eager torch ops: %r", name, error)
+    return eager(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- column sums
+def _chunked_column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
+    """sum over dim 0 of x (or x*x) for 2-D ``x``, as [1, N] in ``dtype``; written for the compiler."""
+    rows, cols = x.shape
+    body = rows // _CHUNKS * _CHUNKS
+    head = x[:body].reshape(_CHUNKS, body // _CHUNKS, cols).to(dtype)
+    tail = x[body:].to(dtype)
+    if square:
+        head, tail = head * head, tail * tail
+    return head.sum(dim=1).sum(dim=0, keepdim=True) + tail.sum(dim=0, keepdim=True)
+
+
+def _blocked_column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
+    """The same sum with eager ops: accumulate row blocks into a small reused buffer (no [V, N] temporary)."""
+    rows, cols = x.shape
+    if x.device.type != "cpu":
+        # GPU column reductions are fast; vector_norm also avoids the [V, N] temporary of (x*x).sum(0)
+        if square:
+            return torch.linalg.vector_norm(x, 2, dim=0, keepdim=True, dtype=dtype).square_()
+        return x.sum(dim=0, keepdim=True, dtype=dtype)
+    block = min(_EAGER_BLOCK_ROWS, rows)
+    acc = torch.zeros(block, cols, dtype=dtype, device=x.device)
+    for start in range(0, rows, block):
+        chunk = x[start:start + block].to(dtype)
+        target = acc[: chunk.shape[0]]
+        if square:
+            target.addcmul_(chunk, chunk)
+        else:
+            target.add_(chunk)
+    return acc.sum(dim=0, keepdim=True)
+
+
+def _column_sum(x: Tensor, dtype: torch.dtype, square: bool, compiled: bool) -> Tensor:
+    shape = (1, *x.shape[1:])
+    if x.shape[0] == 0 or x.numel() == 0:
+        return torch.zeros(shape, dtype=dtype, device=x.device)
+    flat = x.reshape(x.shape[0], -1)
+    if compiled and x.shape[0] >= _CHUNKS:  # fewer rows than chunks: nothing to gain (and inductor trips on it)
+        total = _run_compiled(
+            "column_sq_sum" if square else "column_sum", _chunked_column_sum, flat, dtype, square)
+    else:
+        total = _blocked_column_sum(flat, dtype, square)
+    return total.reshape(shape)
+
+
+def column_sq_sum(x: Tensor, dtype: torch.dtype, *, compiled: bool = False) -> Tensor:
+    """Per-column sum of ``x * x`` over dim 0, shape ``[1, *x.shape[1:]]``, accumulated in ``dtype``.
+
+    One read of ``x``; nothing of its size is allocated. ``compiled``: use the torch.compile'd kernel.
+    """
+    return _column_sum(x, dtype, square=True, compiled=compiled)
+
+
+def column_sum(x: Tensor, dtype: torch.dtype, *, compiled: bool = False) -> Tensor:
+    """Per-column sum of ``x`` over dim 0, shape ``[1, *x.shape[1:]]``, accumulated in ``dtype``."""
+    return _column_sum(x, dtype, square=False, compiled=compiled)
+
+
+# ---------------------------------------------------------------------------------------------- the update
+def _coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, denom: Tensor,
+                    scalars: Tensor, maximize: bool) -> None:
+    """m <- lerp(m, g, 1-b1); (full state) v <- b2 v + (1-b2) g^2; p <- p * decay + neg_step_size * m / denom.
+
+    ``scalars`` holds ``[decay, 1 - beta1, neg_step_size, beta2, 1 - beta2]`` as a tensor: values that change
+    from step to step must be tensors, or the compiler specializes on them and recompiles every step.
+    The reference kernel's sequence of ops, computed in the state dtype and rounded once into a half-precision
+    ``param``. Run eagerly it is several passes over memory; compiled, inductor fuses it into one pass that reads
+    p, g, m (and v) and writes p, m (and v).
+    """
+    decay, one_minus_beta1, neg_step_size, beta2, one_minus_beta2 = scalars.unbind()
+    g = grad.to(exp_avg.dtype)
+    if maximize:
+        g = -g
+    exp_avg.lerp_(g, one_minus_beta1)
+    if exp_avg_sq is not None:
+        exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
+    p = param.to(exp_avg.dtype)
+    p.mul_(decay).add_(exp_avg / denom * neg_step_size)
+    if p is not param:
+        param.copy_(p)
+
+
+def coupled_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denom: Tensor, *, decay: float,
+                    beta1: float, neg_step_size: float, maximize: bool, exp_avg_sq: Tensor | None = None,
+                    beta2: float = 0.0, compiled: bool = False) -> None:
+    """The element-wise part of a coupled step, in place, in one pass over memory when ``compiled``.
+
+    ``denom`` is the ``[1, H]`` denominator (``sqrt(vbar) / sqrt(1 - b2^t) + eps``), broadcast over rows;
+    ``exp_avg_sq`` (full-state mode only) is updated with ``beta2`` in the same pass.
+    """
+    scalars = torch.tensor([decay, 1.0 - beta1, neg_step_size, beta2, 1.0 - beta2], dtype=exp_avg.dtype,
+                           device=exp_avg.device)
+    args = (param, grad, exp_avg, exp_avg_sq, denom, scalars, maximize)
+    if compiled:
+        _run_compiled("coupled_update", _coupled_update, *args)
+    else:
+        _coupled_update(*args)

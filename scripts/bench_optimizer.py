@@ -1,0 +1,449 @@
+#!/usr/bin/env python
+"""Optimizer step benchmark: CoupledAdam in every mode against torch.optim.AdamW (foreach and fused).
+
+Parameter sets take their shapes from real transformers configs (built on the meta device, then materialized):
+
+- ``gpt2-124m``: GPT-2 124M with the paper's padded, tied 50304 x 768 token embedding (coupled);
+- ``llama-1b-slice``: a Llama-3-1B-shaped slice (hidden 2048, MLP 8192, GQA 32/8 heads) with an untied 128256-vocab
+  embedding and LM head (both coupled) and ``--llama-layers`` decoder layers (default 1, to fit in memory);
+- ``small``: a 4-layer GPT-2, width 256, vocab 8192.
+
+Groups follow the paper: embeddings coupled with weight decay 0, other matrices weight decay 0.1, vectors 0.
+AdamW gets the same groups. Every contender steps the same parameters and gradients with its own state; within a
+round the contenders step in turn (A B C A B C ..., the order rotated every step), and each timing is paired with
+the fused AdamW step of the same turn: the reported ratio is the median of those per-turn ratios, robust to the
+load drifting. A plain copy of a large buffer runs in the same rotation and gives the memory bandwidth of the
+moment; "bw %" is a contender's minimal memory traffic per step (its bytes model, below) divided by its median
+time, relative to that copy bandwidth.
+
+Bytes model (per parameter element; P, G, S = bytes of a param, grad, state element): AdamW reads p, g, m, v and
+writes p, m, v: 2P + G + 4S (28 for fp32). A compact coupled tensor: one read of g for the column statistics, then
+one pass reading p, g, m and writing p, m: 2P + 2G + 2S (24). Full-state coupled: also v, and one read of the old v
+for its column mean: 2P + 2G + 5S (36).
+
+Usage::
+
+    python scripts/bench_optimizer.py --quick                          # small set, fp32, a minute on 2 cores
+    python scripts/bench_optimizer.py --sets gpt2-124m --dtypes float32 --output bench.json
+    python scripts/bench_optimizer.py                                  # everything (CPU: ~15 min)
+
+Timings are medians after warm-up (compiled kernels compile during warm-up; the first-step time is reported
+separately). CUDA is used when available (``--device``), with ``torch.cuda.synchronize()`` around every timing.
+Never read absolute milliseconds from a shared machine: compare the ratios, and note the load printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from coupled_adam_hf import CoupledAdam
+from coupled_adam_hf._kernels import compile_policy
+
+BASELINE = "adamw_fused"
+
+
+# ----------------------------------------------------------------------------------------------- parameter sets
+def _model_parameters(name: str, llama_layers: int) -> tuple[list[tuple[str, torch.Size]], set[str]]:
+    """(parameter name, shape) of a real architecture, and the names of the embeddings to couple."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if name == "gpt2-124m":
+        config = GPT2Config(vocab_size=50304, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+        model_cls = GPT2LMHeadModel
+    elif name == "small":
+        config = GPT2Config(vocab_size=8192, n_positions=512, n_embd=256, n_layer=4, n_head=4)
+        model_cls = GPT2LMHeadModel
+    elif name == "llama-1b-slice":
+        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=llama_layers,
+                             num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+        model_cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown parameter set {name!r}; choose from {PARAMETER_SETS}")
+    with torch.device("meta"):
+        model = model_cls(config)
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    shapes, coupled = [], set()
+    for pname, p in model.named_parameters():  # tied weights appear once
+        shapes.append((pname, p.shape))
+        if id(p) in embeddings:
+            coupled.add(pname)
+    return shapes, coupled
+
+
+PARAMETER_SETS = ("small", "gpt2-124m", "llama-1b-slice")
+
+
+@dataclass
+class ParameterSet:
+    name: str
+    dtype: torch.dtype
+    params: list[torch.Tensor]
+    coupled: list[bool]
+    names: list[str]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def groups(self, with_coupling: bool) -> list[dict]:
+        coupled = [p for p, c in zip(self.params, self.coupled) if c]
+        decay = [p for p, c in zip(self.params, self.coupled) if not c and p.dim() >= 2]
+        no_decay = [p for p, c in zip(self.params, self.coupled) if not c and p.dim() < 2]
+        groups = [dict(params=coupled, weight_decay=0.0), dict(params=decay, weight_decay=0.1),
+                  dict(params=no_decay, weight_decay=0.0)]
+        if with_coupling:
+            groups[0]["coupled"] = True
+        return [g for g in groups if g["params"]]
+
+
+def build_parameter_set(name: str, dtype: torch.dtype, device: torch.device, llama_layers: int) -> ParameterSet:
+    shapes, coupled_names = _model_parameters(name, llama_layers)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params, coupled, names = [], [], []
+    for pname, shape in shapes:
+        p = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+        # gradients of a realistic scale; fixed for the whole run (every contender sees the same ones)
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+        params.append(p)
+        coupled.append(pname in coupled_names)
+        names.append(pname)
+    return ParameterSet(name, dtype, params, coupled, names)
+
+
+# ----------------------------------------------------------------------------------------------- contenders
+@dataclass
+class Contender:
+    name: str
+    make: Callable[[ParameterSet], torch.optim.Optimizer]
+    compile_env: str | None = None  # COUPLED_ADAM_COMPILE while this contender steps
+    bytes_kind: str = "adamw"  # "adamw", "compact" or "full": the bytes model for coupled tensors
+    description: str = ""
+
+
+HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _coupled(**kwargs) -> Callable[[ParameterSet], torch.optim.Optimizer]:
+    return lambda ps: CoupledAdam(ps.groups(with_coupling=True), **HYPER, **kwargs)
+
+
+def _adamw(**kwargs) -> Callable[[ParameterSet], torch.optim.Optimizer]:
+    return lambda ps: torch.optim.AdamW(ps.groups(with_coupling=False), **HYPER, **kwargs)
+
+
+CONTENDERS = [
+    Contender(BASELINE, _adamw(fused=True), description="torch.optim.AdamW(fused=True)"),
+    Contender("adamw_foreach", _adamw(foreach=True), description="torch.optim.AdamW(foreach=True)"),
+    Contender("coupled_default", _coupled(), None, "compact",
+              "CoupledAdam() - fused, compact state, compiled kernels by COUPLED_ADAM_COMPILE=auto"),
+    Contender("coupled_fused_compiled", _coupled(fused=True), "always", "compact",
+              "fused, compact, kernels always compiled"),
+    Contender("coupled_fused_eager", _coupled(fused=True), "never", "compact",
+              "fused, compact, eager torch ops (no compiler)"),
+    Contender("coupled_fused_nocheck", _coupled(fused=True, nonfinite="ignore"), None, "compact",
+              "default, but nonfinite='ignore' (no host sync)"),
+    Contender("coupled_foreach", _coupled(foreach=True), None, "compact", "foreach=True, compact"),
+    Contender("coupled_full_fused", _coupled(fused=True, compact=False), "always", "full",
+              "fused, full [V, H] second moment, compiled"),
+    Contender("coupled_full_foreach", _coupled(foreach=True, compact=False), None, "full",
+              "foreach=True, full second moment (the paper's layout)"),
+    Contender("coupled_single_tensor", _coupled(foreach=False, fused=False), None, "compact",
+              "the single-tensor reference path"),
+]
+QUICK_CONTENDERS = ("adamw_fused", "adamw_foreach", "coupled_default", "coupled_fused_compiled",
+                    "coupled_fused_eager", "coupled_foreach", "coupled_full_fused")
+
+
+@contextlib.contextmanager
+def _compile_env(value: str | None) -> Iterator[None]:
+    if value is None:
+        yield
+        return
+    old = os.environ.get("COUPLED_ADAM_COMPILE")
+    os.environ["COUPLED_ADAM_COMPILE"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["COUPLED_ADAM_COMPILE"]
+        else:
+            os.environ["COUPLED_ADAM_COMPILE"] = old
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def expected_state_bytes(contender: Contender, ps: ParameterSet) -> int:
+    """Estimate before building (to plan rounds that fit in memory)."""
+    total = 0
+    for p, coupled in zip(ps.params, ps.coupled):
+        size = p.element_size() if contender.name.startswith("adamw") else 4 if p.element_size() < 4 else p.element_size()
+        rows = p.shape[0] if p.dim() else 1
+        v_numel = p.numel() // rows if coupled and contender.bytes_kind == "compact" else p.numel()
+        total += (p.numel() + v_numel) * size
+    return total
+
+
+def traffic_bytes(contender: Contender, ps: ParameterSet) -> int:
+    """Minimal bytes a step of this contender must move (see the module docstring)."""
+    total = 0
+    for p, coupled in zip(ps.params, ps.coupled):
+        P = G = p.element_size()
+        S = P if contender.name.startswith("adamw") else max(P, 4)
+        if coupled and contender.bytes_kind == "compact":
+            per = 2 * P + 2 * G + 2 * S
+        elif coupled and contender.bytes_kind == "full":
+            per = 2 * P + 2 * G + 5 * S
+        else:
+            per = 2 * P + G + 4 * S
+        total += per * p.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def plan_rounds(contenders: list[Contender], ps: ParameterSet, budget: int) -> list[list[Contender]]:
+    """Pack contenders into rounds that fit in ``budget`` bytes of state; every round includes the baseline."""
+    baseline = next(c for c in contenders if c.name == BASELINE)
+    others = [c for c in contenders if c is not baseline]
+    rounds, current, used = [], [baseline], expected_state_bytes(baseline, ps)
+    for c in others:
+        need = expected_state_bytes(c, ps)
+        if len(current) > 1 and used + need > budget:
+            rounds.append(current)
+            current, used = [baseline], expected_state_bytes(baseline, ps)
+        current.append(c)
+        used += need
+    rounds.append(current)
+    return rounds
+
+
+@dataclass
+class Result:
+    set: str
+    dtype: str
+    contender: str
+    description: str
+    params: int
+    coupled_params: int
+    median_ms: float
+    ratio_to_fused_adamw: float
+    first_step_s: float
+    state_bytes: int
+    state_ratio_to_adamw: float
+    traffic_bytes: int
+    achieved_gb_s: float
+    copy_gb_s: float
+    bandwidth_fraction: float
+    round: int
+    steps: int
+    loadavg: list[float] = field(default_factory=list)
+
+
+def copy_probe(device: torch.device, numel: int) -> Callable[[], object]:
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup: int, device: torch.device,
+              copy_numel: int, round_index: int) -> list[Result]:
+    optimizers = {}
+    first_step = {}
+    for c in contenders:
+        opt = c.make(ps)
+        with _compile_env(c.compile_env):
+            first_step[c.name] = _timed(opt.step, device)
+            for _ in range(warmup - 1):
+                opt.step()
+        optimizers[c.name] = opt
+    copy = copy_probe(device, copy_numel)
+    for _ in range(2):
+        copy()
+    names = [c.name for c in contenders] + ["_copy"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {c.name: [] for c in contenders}
+    by_name = {c.name: c for c in contenders}
+    for turn in range(steps):
+        shift = turn % len(names)
+        order = names[shift:] + names[:shift]
+        this_turn = {}
+        for n in order:
+            if n == "_copy":
+                this_turn[n] = _timed(copy, device)
+                continue
+            with _compile_env(by_name[n].compile_env):
+                this_turn[n] = _timed(optimizers[n].step, device)
+        for n, t in this_turn.items():
+            times[n].append(t)
+        for n in ratios:
+            ratios[n].append(this_turn[n] / this_turn[BASELINE])
+    load = list(os.getloadavg())
+    adamw_state = state_bytes(optimizers[BASELINE])
+    copy_s = statistics.median(times["_copy"])
+    copy_gb_s = 2 * copy_numel * 4 / copy_s / 1e9
+    coupled_numel = sum(p.numel() for p, c in zip(ps.params, ps.coupled) if c)
+    results = []
+    for c in contenders:
+        median_s = statistics.median(times[c.name])
+        traffic = traffic_bytes(c, ps)
+        sbytes = state_bytes(optimizers[c.name])
+        achieved = traffic / median_s / 1e9
+        results.append(Result(
+            set=ps.name, dtype=str(ps.dtype).removeprefix("torch."), contender=c.name, description=c.description,
+            params=ps.numel, coupled_params=coupled_numel, median_ms=median_s * 1e3,
+            ratio_to_fused_adamw=statistics.median(ratios[c.name]), first_step_s=first_step[c.name],
+            state_bytes=sbytes, state_ratio_to_adamw=sbytes / adamw_state if adamw_state else float("nan"),
+            traffic_bytes=traffic, achieved_gb_s=achieved, copy_gb_s=copy_gb_s,
+            bandwidth_fraction=achieved / copy_gb_s, round=round_index, steps=steps, loadavg=load))
+    del optimizers
+    gc.collect()
+    return results
+
+
+def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, device: torch.device) -> list[Result]:
+    ps = build_parameter_set(name, dtype, device, args.llama_layers)
+    param_bytes = 2 * sum(p.numel() * p.element_size() for p in ps.params)  # params and grads
+    budget = int(args.memory_fraction * (_available_memory_bytes(device))) if args.memory_budget_gb is None \
+        else int(args.memory_budget_gb * (1 << 30))
+    rounds = plan_rounds(contenders, ps, budget)
+    print(f"\n== {name} {str(dtype).removeprefix('torch.')}: {ps.numel / 1e6:.1f}M params "
+          f"({sum(p.numel() for p, c in zip(ps.params, ps.coupled) if c) / 1e6:.1f}M coupled), params+grads "
+          f"{param_bytes / 2**30:.2f} GiB, {len(rounds)} round(s), load {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for index, round_contenders in enumerate(rounds):
+        results += run_round(ps, round_contenders, args.steps, args.warmup, device,
+                             args.copy_mib * (1 << 20) // 4, index)
+    # the baseline ran in every round: keep one row for it (the first round's)
+    seen_baseline = False
+    kept = []
+    for r in results:
+        if r.contender == BASELINE:
+            if seen_baseline:
+                continue
+            seen_baseline = True
+        kept.append(r)
+    print_table(kept)
+    del ps
+    gc.collect()
+    return kept
+
+
+def print_table(results: list[Result]) -> None:
+    header = (f"{'contender':24s} {'ms':>9s} {'x fused':>8s} {'1st s':>7s} {'state MiB':>10s} {'x state':>8s} "
+              f"{'GB/s':>7s} {'bw %':>6s} {'load1':>6s}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.contender:24s} {r.median_ms:9.1f} {r.ratio_to_fused_adamw:8.3f} {r.first_step_s:7.2f} "
+              f"{r.state_bytes / 2**20:10.1f} {r.state_ratio_to_adamw:8.3f} {r.achieved_gb_s:7.1f} "
+              f"{100 * r.bandwidth_fraction:6.0f} {r.loadavg[0]:6.2f}", flush=True)
+    if results:
+        print(f"(copy bandwidth {results[0].copy_gb_s:.1f} GB/s; round {results[-1].round + 1})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default=",".join(PARAMETER_SETS),
+                        help=f"comma-separated parameter sets: {', '.join(PARAMETER_SETS)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="parameter dtypes: float32, bfloat16")
+    parser.add_argument("--contenders", default=None,
+                        help="comma-separated subset of: " + ", ".join(c.name for c in CONTENDERS))
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per contender (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (compiles happen here)")
+    parser.add_argument("--llama-layers", type=int, default=1, help="decoder layers in the llama-1b-slice set")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--copy-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
+    parser.add_argument("--memory-fraction", type=float, default=0.6,
+                        help="share of available memory that optimizer states of one round may use")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="explicit state budget per round")
+    parser.add_argument("--quick", action="store_true",
+                        help="small set, float32, fewer contenders and steps (about a minute on 2 CPU cores)")
+    parser.add_argument("--output", default=None, help="write all results as JSON to this path")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.sets, args.dtypes = "small", "float32"
+        args.steps, args.warmup = min(args.steps, 9), min(args.warmup, 2)
+        args.contenders = args.contenders or ",".join(QUICK_CONTENDERS)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    for s in sets:
+        if s not in PARAMETER_SETS:
+            parser.error(f"unknown set {s!r}; choose from {', '.join(PARAMETER_SETS)}")
+    dtypes = []
+    for d in args.dtypes.split(","):
+        dtype = getattr(torch, d.strip(), None)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            parser.error(f"unsupported dtype {d!r}; use float32 or bfloat16")
+        dtypes.append(dtype)
+    contenders = CONTENDERS
+    if args.contenders:
+        wanted = {c.strip() for c in args.contenders.split(",")} | {BASELINE}
+        unknown = wanted - {c.name for c in CONTENDERS}
+        if unknown:
+            parser.error(f"unknown contenders {sorted(unknown)}; choose from {[c.name for c in CONTENDERS]}")
+        contenders = [c for c in CONTENDERS if c.name in wanted]
+
+    machine = dict(
+        device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
+        cpus=os.cpu_count(), python=sys.version.split()[0], compile_policy=compile_policy(),
+        loadavg_start=list(os.getloadavg()))
+    print(f"device {machine['device_name']} ({device}), torch {torch.__version__}, {machine['threads']} threads, "
+          f"COUPLED_ADAM_COMPILE={machine['compile_policy']}, load {machine['loadavg_start']}")
+    results: list[Result] = []
+    for s in sets:
+        for dtype in dtypes:
+            results += run_set(s, dtype, contenders, args, device)
+    machine["loadavg_end"] = list(os.getloadavg())
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(dict(machine=machine, args=vars(args), results=[asdict(r) for r in results]), f, indent=1)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""The fast coupled kernels (coupled_adam_hf._kernels) compute what the reference paths compute.
+
+Compiled kernels are forced on small tensors with COUPLED_ADAM_COMPILE=always (the default, ``auto``, keeps
+tensors this small on eager ops). Compiling costs a few seconds per new graph, so the compiled tests are few and
+marked slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from coupled_adam_hf import CoupledAdam, _kernels
+
+REFERENCE = dict(foreach=False, fused=False)
+
+
+@pytest.fixture
+def always_compile(monkeypatch):
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
+    assert not _kernels._broken, "an earlier compile failed in this process; the compiled path would not run"
+    yield
+    assert not _kernels._broken, f"compiled kernels fell back to eager: {_kernels._broken}"
+
+
+def run_coupled(weight, grads, *, lrs=None, **kwargs):
+    """Train one coupled matrix plus a small uncoupled one; returns (optimizer, coupled param, history)."""
+    p = weight.detach().clone().requires_grad_()
+    bias = torch.linspace(-1, 1, 5, dtype=weight.dtype).requires_grad_()
+    opt = CoupledAdam([{"params": [p], "coupled": True}, {"params": [bias]}], **kwargs)
+    history = []
+    for step, g in enumerate(grads):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
+        p.grad = g.to(p.dtype)
+        bias.grad = torch.full_like(bias, 0.1 * (step + 1))
+        opt.step()
+        history.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()))
+    return opt, p, history
+
+
+def gradients(shape, steps, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * scale for _ in range(steps)]
+
+
+# ------------------------------------------------------------------------------------------- column sums
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape, dtype", [
+    ((1000, 24), torch.float32),   # rows not a multiple of the chunk count: a tail is summed separately
+    ((37, 5), torch.float32),      # fewer rows than chunks: all tail
+    ((130, 3, 4), torch.bfloat16),  # >2-D coupled tensors reduce over dim 0 only; bf16 accumulates in fp32
+    ((0, 8), torch.float32),       # an empty shard
+], ids=["1000x24", "37x5", "130x3x4-bf16", "empty"])
+def test_column_sums_equal_float64_sums_over_rows(shape, dtype, compiled, monkeypatch):
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    exact = x.double()
+    got_sq = _kernels.column_sq_sum(x, torch.float32, compiled=compiled)
+    got = _kernels.column_sum(x, torch.float32, compiled=compiled)
+    assert got_sq.shape == got.shape == (1, *shape[1:])
+    assert got_sq.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(got_sq.double(), (exact * exact).sum(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), exact.sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
+    assert not _kernels._broken
+
+
+def test_eager_column_sums_use_blocks_and_need_no_full_size_temporary(monkeypatch):
+    # 1000 rows in blocks of 256: the accumulator is [256, H], never [1000, H]
+    x = torch.randn(1000, 16)
+    allocated = []
+    real_zeros = torch.zeros
+
+    def spy_zeros(*shape, **kwargs):
+        out = real_zeros(*shape, **kwargs)
+        allocated.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "zeros", spy_zeros)
+    got = _kernels.column_sq_sum(x, torch.float32)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, (x * x).sum(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert max(allocated) <= _kernels._EAGER_BLOCK_ROWS * 16
+
+
+# ------------------------------------------------------------------------------------------- compile policy
+def test_auto_policy_compiles_only_embedding_sized_tensors(monkeypatch):
+    monkeypatch.delenv("COUPLED_ADAM_COMPILE", raising=False)
+    big = torch.zeros(1).expand(_kernels.AUTO_COMPILE_MIN_NUMEL)  # numel without the memory
+    small = torch.zeros(64, 32)
+    assert _kernels.compile_policy() == "auto"
+    assert _kernels.compile_wanted(big) and not _kernels.compile_wanted(small)
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "0")
+    assert not _kernels.compile_wanted(big)
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "1")
+    assert _kernels.compile_wanted(small)
+    assert not _kernels.compile_wanted(torch.zeros(64, 32, device="meta")), "only cpu and cuda tensors compile"
+
+
+def test_unknown_compile_policy_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="auto, 1 .always. or 0 .never."):
+        _kernels.compile_policy()
+
+
+def test_small_tensors_stay_eager_under_the_default_policy(monkeypatch):
+    monkeypatch.delenv("COUPLED_ADAM_COMPILE", raising=False)
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("torch.compile must not be called for small tensors under the auto policy")
+
+    monkeypatch.setattr(torch, "compile", no_compiling)
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    run_coupled(torch.randn(40, 8), gradients((40, 8), 3), lr=1e-2)
+
+
+def test_compile_failure_falls_back_to_eager_with_identical_numbers_and_a_debug_log(monkeypatch, caplog):
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_broken", set())
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(fn.__name__)
+            raise RuntimeError("simulated: no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    weight, grads = torch.randn(70, 6), gradients((70, 6), 4)
+    with caplog.at_level(logging.DEBUG, logger="coupled_adam_hf._kernels"):
+        _, got, _ = run_coupled(weight, grads, lr=1e-2, weight_decay=0.1)
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "never")
+    _, want, _ = run_coupled(weight, grads, lr=1e-2, weight_decay=0.1)
+    assert calls, "the compiled kernels were not attempted"
+    assert _kernels._broken == {"column_sq_sum", "coupled_update"}
+    assert len(calls) == 2, "a kernel that failed to compile must not be retried every step"
+    assert "torch.compile of coupled_update failed" in caplog.text
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------- parity of the compiled path
+CASES = {
+    "plain": dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0),
+    "wd-amsgrad-scale-maximize": dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True,
+                                      avg_scale=4.0, maximize=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "full"])
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_compiled_fused_path_matches_reference_path_every_step_and_fp64_at_the_end(case, compact, always_compile):
+    hyper = CASES[case]
+    weight, grads = torch.randn(150, 12), gradients((150, 12), 12, scale=0.5)
+    lrs = [hyper["lr"] * (1 - i / 24) for i in range(12)]  # a schedule: the lr changes every step
+    _, fast_p, fast = run_coupled(weight, grads, lrs=lrs, compact=compact, fused=True, **hyper)
+    _, ref_p, ref = run_coupled(weight, grads, lrs=lrs, compact=compact, **REFERENCE, **hyper)
+    for step, (got, want) in enumerate(zip(fast, ref)):
+        for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+    expected = fp64_coupled_adam(weight, grads, lrs, **{k: v for k, v in hyper.items() if k != "lr"})
+    torch.testing.assert_close(fast_p.double(), expected, rtol=2e-5, atol=2e-6)
+
+
+def fp64_coupled_adam(weight, grads, lrs, *, betas, eps, weight_decay, avg_scale=1.0, amsgrad=False,
+                      maximize=False):
+    """SPEC §1 for one coupled matrix written out in float64, no code shared with the package."""
+    b1, b2 = betas
+    w = weight.detach().double().clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    vmax = None
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = -g.double() if maximize else g.double()
+        w = w * (1 - lr * weight_decay)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        vbar = avg_scale * v.mean(dim=0, keepdim=True)
+        if amsgrad:
+            vmax = vbar if vmax is None else torch.maximum(vmax, vbar)
+            vbar = vmax
+        w = w - lr / (1 - b1**t) * m / (vbar.sqrt() / math.sqrt(1 - b2**t) + eps)
+    return w
+
+
+@pytest.mark.slow
+def test_compiled_path_with_bf16_params_keeps_fp32_state_and_matches_the_reference(always_compile):
+    weight, grads = torch.randn(150, 12).bfloat16(), gradients((150, 12), 8, scale=0.5)
+    fast_opt, fast_p, fast = run_coupled(weight, grads, lr=1e-2, weight_decay=0.1, fused=True)
+    _, ref_p, ref = run_coupled(weight, grads, lr=1e-2, weight_decay=0.1, **REFERENCE)
+    assert fast_p.dtype == torch.bfloat16
+    assert fast_opt.state[fast_p]["exp_avg"].dtype == torch.float32
+    for (p_fast, m_fast, _), (p_ref, m_ref, _) in zip(fast, ref):
+        torch.testing.assert_close(m_fast, m_ref, rtol=1e-5, atol=1e-7)
+        # both round the same float32 result once into bf16: at most one bf16 ulp apart
+        torch.testing.assert_close(p_fast, p_ref, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lr_schedule_does_not_recompile_the_kernels(always_compile):
+    weight, grads = torch.randn(90, 10), gradients((90, 10), 8)
+    run_coupled(weight, grads[:2], lr=1e-2)  # compiles (or loads) the graphs for this configuration
+    before = counters["stats"]["unique_graphs"]
+    run_coupled(weight, grads, lrs=[1e-2 / (i + 1) for i in range(8)], lr=1e-2)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_on_the_compiled_path_skips_the_step(always_compile):
+    weight = torch.randn(90, 10)
+    grads = gradients((90, 10), 3)
+    grads[2][5, 3] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt, p, history = run_coupled(weight, grads, lr=1e-2, fused=True)
+    assert opt.skipped_steps == 1
+    for got, want in zip(history[2], history[1]):
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------- inside torch.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_compiled_optimizer_step_runs_as_many_graphs_whatever_the_parameter_count(impl):
+    """``torch.compile(opt.step)`` gives the same numbers as eager, and one step runs a fixed number of compiled
+    graphs (no graph break per parameter) when ``capture_scalar_outputs`` lets the step counter's ``.item()``
+    trace and ``nonfinite="ignore"`` drops the data-dependent skip branch (the README explains both)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    kernel = dict(foreach=True) if impl == "foreach" else dict(fused=True)
+    graph_runs = [0]
+
+    def counting_inductor(gm, example_inputs):
+        compiled = compile_fx(gm, example_inputs)
+
+        def run(*args):
+            graph_runs[0] += 1
+            return compiled(*args)
+        return run
+
+    def make(matrices):
+        gen = torch.Generator().manual_seed(0)
+        embeddings = [torch.randn(64, 16, generator=gen).requires_grad_() for _ in range(matrices)]
+        others = [torch.randn(16, 16, generator=gen).requires_grad_() for _ in range(matrices)]
+        opt = CoupledAdam([{"params": embeddings, "coupled": True, "weight_decay": 0.0},
+                           {"params": others, "weight_decay": 0.1}], lr=1e-2, nonfinite="ignore", **kernel)
+        return [*embeddings, *others], opt
+
+    graphs_per_step = {}
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for matrices in (1, 3):
+            torch._dynamo.reset()
+            (eager_params, eager_opt), (params, opt) = make(matrices), make(matrices)
+            compiled_step = torch.compile(opt.step, backend=counting_inductor)
+            for i in range(3):
+                for p, q in zip(eager_params, params):
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+                    q.grad = p.grad.clone()
+                eager_opt.step()
+                graph_runs[0] = 0
+                # the first step creates the state (another graph); compiling from the second on keeps this short
+                compiled_step() if i else opt.step()
+            graphs_per_step[matrices] = graph_runs[0]
+            for a, b in zip(eager_params, params):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert 0 < graphs_per_step[1] == graphs_per_step[3], f"graphs run per step: {graphs_per_step}"
