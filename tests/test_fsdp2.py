@@ -166,11 +166,12 @@ def test_dcp_checkpoint_of_two_ranks_loads_into_one_process_and_continues(sharde
 # ------------------------------------------------------------------------------------------ hand-made DTensors
 @sharded
 def test_every_dtensor_layout_and_kernel_matches_plain_tensor(sharded_run):
-    """Rows split (one rank empty, uneven), columns split, replicated, a Partial gradient; 3 kernels x 2 layouts."""
+    """Rows split (one rank empty, uneven), columns split, replicated, 2-D meshes (HSDP; rows and columns), a
+    Partial gradient; 3 kernels x compact/full state."""
     _, results = sharded_run
     for rank_results in results:
         layouts = rank_results["dtensor_layouts"]
-        assert len(layouts) == 4 * 3 * 2 + 1
+        assert len(layouts) == 6 * 3 * 2 + 1
         worst = max(layouts, key=layouts.get)
         assert layouts[worst] < 1e-6, f"{worst}: {layouts[worst]}"
 
