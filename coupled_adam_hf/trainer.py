@@ -21,6 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from .distributed import SUPPORTED_PARALLELISM, check_supported_parallelism
 from .optimizer import CoupledAdam
 from .partition import EmbeddingParameter, find_coupled_parameters, parse_targets, partition_parameters
 from .training_args import COUPLED_ADAM
@@ -103,29 +104,33 @@ class CoupledAdamTrainer(Trainer):
 
     # ------------------------------------------------------------------ distributed support
     def check_sharding_supported(self) -> None:
-        """Refuse setups whose parameters are sharded: the coupled mean would be taken over a shard only.
+        """Refuse setups in which the coupled mean over an embedding's rows cannot be taken, before step 1.
 
-        Supported: one device, and data parallelism with replicated parameters (DDP through ``torchrun`` or
-        ``accelerate launch``, multi-GPU and multi-node). Not yet: FSDP, DeepSpeed, tensor parallelism.
+        Supported: one device, DDP (``torchrun`` or ``accelerate launch``, multi-GPU and multi-node) and FSDP2
+        (``fsdp_version: 2``: CoupledAdam all-reduces the column statistics of row-sharded embeddings itself).
+        Refused: setups that flatten parameters -- FSDP1, DeepSpeed ZeRO, Megatron-LM, XLA FSDP (see
+        :func:`coupled_adam_hf.distributed.check_supported_parallelism`) -- and, not tested yet, tensor, context
+        and sequence parallelism.
         """
+        check_supported_parallelism(self.accelerator, self.args)
         unsupported = []
-        if self.is_deepspeed_enabled or self.args.deepspeed:
+        if self.is_deepspeed_enabled:
             unsupported.append("DeepSpeed")
-        if self.is_fsdp_enabled or self.args.fsdp or getattr(self, "is_fsdp_xla_enabled", False):
-            unsupported.append("FSDP")
+        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+        if self.is_fsdp_enabled and fsdp_version != 2:
+            unsupported.append(f"FSDP{fsdp_version}")
         if (getattr(self.model, "tp_size", None) or 1) > 1:
             unsupported.append("tensor parallelism (model loaded with a tp_plan)")
         config = self.args.parallelism_config
         if config is not None and any(
-            (getattr(config, size, None) or 1) > 1 for size in ("tp_size", "cp_size", "dp_shard_size", "sp_size")
+            (getattr(config, size, None) or 1) > 1 for size in ("tp_size", "cp_size", "sp_size")
         ):
             unsupported.append(f"parallelism_config {config}")
         if unsupported:
             raise ValueError(
-                f"optim='coupled_adam' does not support {' and '.join(unsupported)} yet: it couples each embedding "
-                "matrix over all of its rows and needs the full matrix on every rank. Supported: a single device "
-                "or data parallelism with replicated parameters (DDP: `accelerate launch --multi_gpu` or `torchrun` "
-                "without --fsdp/--deepspeed). Alternatively train with --optim adamw_torch_fused."
+                f"optim='coupled_adam' does not support {' and '.join(unsupported)}: it couples each embedding "
+                f"matrix over all of its rows. Supported: {SUPPORTED_PARALLELISM}. Alternatively train with "
+                "--optim adamw_torch_fused."
             )
 
     # ------------------------------------------------------------------ optimizer

@@ -303,3 +303,29 @@ def test_shipped_fsdp2_accelerate_config_launches_fsdp2_and_passes_the_check(cle
     clean_launcher_env.setenv("FSDP_VERSION", _launcher_environment(fsdp1_file)["FSDP_VERSION"])
     with pytest.raises(ValueError, match="FSDP1"):
         check_supported_parallelism()
+
+
+def test_coupled_adam_trainer_refuses_fsdp1_and_accepts_fsdp2(clean_launcher_env, tmp_path):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from coupled_adam_hf import CoupledAdamTrainer, CoupledAdamTrainingArguments
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=33, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0))
+    args = CoupledAdamTrainingArguments(output_dir=str(tmp_path), optim="coupled_adam", use_cpu=True,
+                                        report_to="none", isotropy_logging_steps=0)
+    # what `accelerate launch --config_file` with an FSDP1 config sets (on CPU accelerate itself runs DDP instead)
+    clean_launcher_env.setenv("ACCELERATE_USE_FSDP", "true")
+    clean_launcher_env.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP1.*Supported: .*FSDP2"):
+        CoupledAdamTrainer(model=model, args=args)
+    clean_launcher_env.setenv("FSDP_VERSION", "2")
+    trainer = CoupledAdamTrainer(model=model, args=args)
+    trainer.is_fsdp_enabled = True  # as Trainer sets it when accelerate's state holds an FSDP plugin (GPU only)
+    state = trainer.accelerator.state
+    clean_launcher_env.setattr(state, "fsdp_plugin", FullyShardedDataParallelPlugin(fsdp_version=2), raising=False)
+    trainer.check_sharding_supported()
+    clean_launcher_env.setattr(state, "fsdp_plugin", FullyShardedDataParallelPlugin(fsdp_version=1), raising=False)
+    with pytest.raises(ValueError, match="FSDP1"):
+        trainer.check_sharding_supported()
