@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from datetime import timedelta
+from types import SimpleNamespace
 
 import torch
 
@@ -206,6 +207,42 @@ def check_checkpoints(mesh, rank, outdir) -> dict:
     }
 
 
+def check_accelerate_checkpoint_functions(mesh, rank, outdir) -> dict:
+    """accelerate's own FSDP2 save/load (what ``save_state``/``load_state`` and the Trainer call), both state dict
+    types: save mid-run, reload into a fresh sharded model, continue; compare with not stopping."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
+
+    from coupled_adam_hf import CoupledAdam
+
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # joins the process group above; accelerate's logging needs it
+    # the few Accelerator attributes these functions read (a real Accelerator would not shard on CPU)
+    accelerator = SimpleNamespace(num_processes=WORLD, process_index=rank, is_main_process=rank == 0, is_fsdp2=True,
+                                  wait_for_everyone=dist.barrier)
+    results = {}
+    for state_dict_type in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=state_dict_type)
+        folder = os.path.join(outdir, f"accelerate_{state_dict_type.lower()}")
+        model = _shard(tiny_gpt2(), mesh)
+        opt = CoupledAdam(param_groups(dict(model.named_parameters())), **HYPER)
+        _train_sharded(model, opt, range(3), rank)
+        save_fsdp_model(plugin, accelerator, model, folder)
+        save_fsdp_optimizer(plugin, accelerator, opt, model, folder)
+        _train_sharded(model, opt, range(3, 6), rank)
+        uninterrupted = snapshot(model, opt)
+
+        resumed = _shard(tiny_gpt2(seed=1), mesh)
+        resumed_opt = CoupledAdam(param_groups(dict(resumed.named_parameters())), **HYPER)
+        load_fsdp_model(plugin, accelerator, resumed, folder)
+        load_fsdp_optimizer(plugin, accelerator, resumed_opt, resumed, folder)
+        _train_sharded(resumed, resumed_opt, range(3, 6), rank)
+        results[state_dict_type] = bit_identical(uninterrupted, snapshot(resumed, resumed_opt))
+    return results
+
+
 def check_plain_state_dict_into_sharded(mesh, rank) -> dict:
     """A single-process run's ``optimizer.state_dict()`` loaded with plain ``load_state_dict`` into FSDP2: continues."""
     from coupled_adam_hf import CoupledAdam
@@ -370,6 +407,7 @@ def main(outdir: str) -> None:
         "single_process_state_into_fsdp2": check_plain_state_dict_into_sharded(mesh, rank),
         "accelerate_swap": check_accelerate_swap(mesh, rank),
         "checkpoints": check_checkpoints(mesh, rank, outdir),
+        "accelerate_checkpoint_bit_identical": check_accelerate_checkpoint_functions(mesh, rank, outdir),
         "dtensor_layouts": check_dtensor_layouts(mesh, rank),
         "missing_gradients": check_missing_gradients(mesh, rank),
         "nonfinite_agreement": check_nonfinite_agreement(mesh, rank),

@@ -131,6 +131,14 @@ def test_full_state_dict_resume_is_bit_identical_and_keeps_compact_state(sharded
 
 
 @sharded
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_accelerate_fsdp2_save_and_load_resume_bit_identically(sharded_run, state_dict_type):
+    """accelerate's save_fsdp_model/optimizer and load_fsdp_model/optimizer: what save_state and Trainer call."""
+    _, results = sharded_run
+    assert _both(results, "accelerate_checkpoint_bit_identical", state_dict_type) == [True, True]
+
+
+@sharded
 def test_single_process_state_dict_loads_into_fsdp2_and_continues(sharded_run):
     _, results = sharded_run
     assert max(_both(results, "single_process_state_into_fsdp2", "max_difference")) < TOLERANCE
