@@ -298,7 +298,8 @@ class CoupledAdam(Optimizer):
         for p in group["params"]:
             grad = p.grad
             if grad is None:
-                if not hasattr(self._column_reducer(group, p), "any_rank_has_grad"):
+                # (a frozen tensor is frozen on every rank: no collective needed to agree on skipping it)
+                if not p.requires_grad or not hasattr(self._column_reducer(group, p), "any_rank_has_grad"):
                     continue
                 # rows split over ranks: this rank still joins the column all-reduce, with zero rows
                 # (dropped again after it if no rank had a gradient; see _drop_stand_ins_nobody_needs)
