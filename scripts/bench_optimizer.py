@@ -63,7 +63,8 @@ def _model_parameters(name: str, llama_layers: int) -> tuple[list[tuple[str, tor
         config = GPT2Config(vocab_size=50304, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
         model_cls = GPT2LMHeadModel
     elif name == "small":
-        config = GPT2Config(vocab_size=8192, n_positions=512, n_embd=256, n_layer=4, n_head=4)
+        config = GPT2Config(vocab_size=8192, n_positions=512, n_embd=256, n_layer=4, n_head=4, bos_token_id=0,
+                            eos_token_id=0)
         model_cls = GPT2LMHeadModel
     elif name == "llama-1b-slice":
         config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=llama_layers,
