@@ -11,6 +11,7 @@ from transformers.trainer_callback import CallbackHandler, TrainerControl, Train
 
 from coupled_adam_hf.callbacks import EmbeddingIsotropyCallback
 from coupled_adam_hf.metrics import quick_isotropy
+from coupled_adam_hf.plotting import load_log_history, plot_training_curves
 
 KEYS = ("embeddings/iso", "embeddings/mean_norm_ratio", "embeddings/avg_cosine")
 
@@ -76,6 +77,22 @@ def test_untied_output_embedding_is_measured_separately(tmp_path):
     last = entries_with(history, "output_embeddings/mean_norm_ratio")[-1]
     expected = quick_isotropy(trainer.model.get_output_embeddings().weight)["mean_norm_ratio"]
     assert last["output_embeddings/mean_norm_ratio"] == pytest.approx(expected)
+
+
+def test_training_curves_are_plotted_from_trainer_state(tmp_path):
+    trainer = train(tmp_path / "run", tiny_gpt2(), [EmbeddingIsotropyCallback(every_n_steps=2)], max_steps=4,
+                    logging_steps=2)
+    trainer.save_state()  # writes run/trainer_state.json, as Trainer does at every checkpoint
+    assert load_log_history(tmp_path / "run") == trainer.state.log_history
+    other = [dict(entry, **{"embeddings/iso": 0.5}) if "embeddings/iso" in entry else entry
+             for entry in trainer.state.log_history]
+    path = plot_training_curves({"AdamW": tmp_path / "run" / "trainer_state.json", "Coupled Adam": other},
+                                tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="trainer_state.json"):
+        load_log_history(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="none of"):
+        plot_training_curves({"run": [{"step": 1, "foo": 1.0}]}, tmp_path / "empty.png")
 
 
 @pytest.mark.slow

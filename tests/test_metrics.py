@@ -303,3 +303,18 @@ def test_cuda_tensors_give_the_cpu_values():
     cpu, gpu = embedding_metrics(matrix, counts), embedding_metrics(matrix.cuda(), counts.cuda())
     for key, value in cpu.items():
         assert gpu[key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
+
+
+# ------------------------------------------------------------------------------------ the evaluate module
+def test_local_evaluate_module_gives_the_library_values(tmp_path):
+    evaluate = pytest.importorskip("evaluate")
+    from pathlib import Path
+
+    module = Path(__file__).resolve().parents[1] / "metrics" / "anisotropy"
+    anisotropy = evaluate.load(str(module), experiment_id="test_metrics")
+    matrix = gaussian_cloud(60, 5, scale=1.0, seed=14) + 0.3
+    counts = torch.randint(0, 20, (60,), generator=torch.Generator().manual_seed(0))
+    anisotropy.add_batch(embeddings=matrix[:25].tolist())
+    anisotropy.add_batch(embeddings=matrix[25:].tolist())
+    result = anisotropy.compute(token_counts=counts.tolist(), top_k=10)
+    assert result == pytest.approx(embedding_metrics(matrix, counts, top_k=10), rel=1e-12, nan_ok=True)

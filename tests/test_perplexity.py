@@ -176,3 +176,29 @@ def test_bad_inputs_get_a_reason():
         evaluate_perplexity(model, byte_level_tokenizer("some text to train on"), show_progress=False)
     with pytest.raises(ValueError, match="empty"):
         evaluate_perplexity(model, byte_level_tokenizer("some text to train on"), "", show_progress=False)
+
+
+# ------------------------------------------------------------------------------------ the evaluate module
+def test_local_evaluate_module_aggregates_token_weighted():
+    evaluate = pytest.importorskip("evaluate")
+    from pathlib import Path
+
+    module = Path(__file__).resolve().parents[1] / "metrics" / "corpus_perplexity"
+    corpus_perplexity = evaluate.load(str(module), experiment_id="test_perplexity")
+    # two documents: token-weighted, not the mean of their perplexities (exp(1) and exp(3))
+    result = corpus_perplexity.compute(nll_sum=[10.0, 90.0], num_tokens=[10, 30], num_bytes=[40, 100])
+    assert result["perplexity"] == pytest.approx(math.exp(100 / 40))
+    assert result["bits_per_byte"] == pytest.approx(100 / (140 * math.log(2)))
+    corpus_perplexity.add_batch(nll_sum=[10.0], num_tokens=[10])
+    corpus_perplexity.add_batch(nll_sum=[90.0], num_tokens=[30])
+    result = corpus_perplexity.compute()
+    assert result["nll"] == pytest.approx(2.5) and result["bits_per_byte"] is None
+
+    text = shakespeare(5000)
+    tokenizer = byte_level_tokenizer(text)
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    direct = evaluate_perplexity(model, tokenizer, text, context_length=64, show_progress=False)
+    wrapped = corpus_perplexity.compute(nll_sum=[direct["nll_sum"]], num_tokens=[direct["tokens_scored"]],
+                                        num_bytes=[direct["bytes_scored"]])
+    assert wrapped["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-12)
+    assert wrapped["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-12)
