@@ -3,6 +3,8 @@
 - :class:`CoupledAdam`: the optimizer (a ``torch.optim.Optimizer``; knows nothing of transformers).
 - :func:`partition_parameters`: a model's param groups (coupled embeddings, decayed, not decayed).
 - :class:`CoupledAdamTrainingArguments`, :class:`CoupledAdamTrainer`: ``--optim coupled_adam`` for ``Trainer``.
+- :func:`embedding_metrics`, :func:`quick_isotropy`, :func:`evaluate_perplexity`, :class:`EmbeddingIsotropyCallback`:
+  evaluation (isotropy of embedding matrices, sliding-window perplexity, logging during training).
 """
 
 from .optimizer import CoupledAdam, coupled_adam
@@ -18,6 +20,10 @@ _LAZY_HF_EXPORTS = {
     "CoupledAdamTrainingArguments": ".training_args",
     "partition_parameters": ".partition",
     "find_coupled_parameters": ".partition",
+    "embedding_metrics": ".metrics",
+    "quick_isotropy": ".metrics",
+    "evaluate_perplexity": ".perplexity",
+    "EmbeddingIsotropyCallback": ".callbacks",
 }
 __all__ += list(_LAZY_HF_EXPORTS)
 
