@@ -35,7 +35,10 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO_COMPILE_MIN_NUMEL", "column_sq_sum", "column_sum", "compile_wanted", "coupled_update_"]
+__all__ = [
+    "AUTO_COMPILE_MIN_NUMEL", "adamw_update_", "column_sq_sum", "column_sum", "compile_wanted", "compile_wanted_for",
+    "coupled_update_",
+]
 
 #: ``COUPLED_ADAM_COMPILE=auto`` compiles coupled tensors from this size on (2**24 elements: a 32k x 512 matrix;
 #: GPT-2's 50304 x 768 is 2.3x that). Below it, a step saves too little to repay the one-off compile time.
@@ -189,3 +192,54 @@ def coupled_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denom: Tensor,
         _run_compiled("coupled_update", _coupled_update, *args)
     else:
         _coupled_update(*args)
+
+
+# ---------------------------------------------------------------------------------------------- mixed-precision AdamW
+def _adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+                  scalars: Tensor, maximize: bool) -> None:
+    """Plain AdamW for a half-precision ``param`` with float32 state, the reference kernel's ops in one pass.
+
+    ``scalars``: ``[decay, 1 - beta1, beta2, 1 - beta2, neg_step_size, bias_correction2_sqrt, eps]``.
+    torch's fused AdamW needs the state in the param's dtype, so these params would otherwise take the multi-tensor
+    ops, with float32 copies of p and g and a pass per op.
+    """
+    decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps = scalars.unbind()
+    g = grad.to(exp_avg.dtype)
+    if maximize:
+        g = -g
+    exp_avg.lerp_(g, one_minus_beta1)
+    exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq, exp_avg_sq))
+        v = max_exp_avg_sq
+    denom = v.sqrt() / bc2_sqrt + eps
+    p = param.to(exp_avg.dtype)
+    p.mul_(decay).add_(exp_avg / denom * neg_step_size)
+    if p is not param:
+        param.copy_(p)
+
+
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+                  *, decay: float, beta1: float, beta2: float, neg_step_size: float, bc2_sqrt: float, eps: float,
+                  maximize: bool, compiled: bool = False) -> None:
+    """One AdamW step of one tensor, in place (one pass over memory when ``compiled``)."""
+    scalars = torch.tensor([decay, 1.0 - beta1, beta2, 1.0 - beta2, neg_step_size, bc2_sqrt, eps],
+                           dtype=exp_avg.dtype, device=exp_avg.device)
+    args = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, maximize)
+    if compiled:
+        _run_compiled("adamw_update", _adamw_update, *args)
+    else:
+        _adamw_update(*args)
+
+
+def compile_wanted_for(tensors: list[Tensor]) -> bool:
+    """Whether a set of (uncoupled) tensors should use compiled kernels: their total size decides under ``auto``."""
+    if not tensors or torch.compiler.is_compiling():
+        return False
+    if any(t.device.type not in ("cpu", "cuda") for t in tensors):
+        return False
+    policy = compile_policy()
+    if policy == "never":
+        return False
+    return policy == "always" or sum(t.numel() for t in tensors) >= AUTO_COMPILE_MIN_NUMEL

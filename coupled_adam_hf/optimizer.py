@@ -607,7 +607,10 @@ def coupled_adam(
         )
     if other_idx:
         pick = lambda xs: [xs[i] for i in other_idx]  # noqa: E731
-        _multi_tensor_adamw(
+        # half-precision params with float32 state, which torch's fused kernel cannot take: one compiled pass each
+        # for large models (see _kernels.compile_wanted_for), else the multi-tensor ops
+        compiled = implementation == "fused" and _kernels.compile_wanted_for([_local(t) for t in pick(params)])
+        (_compiled_adamw if compiled else _multi_tensor_adamw)(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
             pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), **hyper,
         )
@@ -791,3 +794,16 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         _kernels.coupled_update_(
             p, _local(grads[i]), m, denom, decay=1 - lr * weight_decay, beta1=beta1, neg_step_size=-lr / bc1,
             maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=True)
+
+
+def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1, beta2,
+                    lr, weight_decay, eps, maximize):
+    """Plain AdamW one tensor at a time, each through the compiled one-pass kernel of ``_kernels``."""
+    for i, param in enumerate(params):
+        step = state_steps[i]
+        step += 1
+        bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+        _kernels.adamw_update_(
+            _local(param), _local(grads[i]), _local(exp_avgs[i]), _local(exp_avg_sqs[i]),
+            _local(max_exp_avg_sqs[i]) if amsgrad else None, decay=1 - lr * weight_decay, beta1=beta1, beta2=beta2,
+            neg_step_size=-lr / bc1, bc2_sqrt=bc2_sqrt, eps=eps, maximize=maximize, compiled=True)

@@ -202,6 +202,33 @@ def test_compiled_path_with_bf16_params_keeps_fp32_state_and_matches_the_referen
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("amsgrad, maximize", [(False, False), (True, True)], ids=["plain", "amsgrad-maximize"])
+def test_compiled_adamw_for_bf16_params_matches_the_reference_path(amsgrad, maximize, always_compile):
+    """Uncoupled bf16 params keep float32 state, which torch's fused kernel cannot take: the fused path runs them
+    through a compiled one-pass AdamW instead, with the reference path's numbers."""
+    shapes = [(40, 8), (8,), (8, 24), (24, 8)]  # shapes change from tensor to tensor: compiled once, dynamic
+    gen = torch.Generator().manual_seed(0)
+    fast = [torch.randn(s, generator=gen).bfloat16().requires_grad_() for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in fast]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+    fast_opt, ref_opt = CoupledAdam(fast, fused=True, **hyper), CoupledAdam(ref, **REFERENCE, **hyper)
+    for step in range(6):
+        for p, q in zip(fast, ref):
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            q.grad = p.grad.clone()
+        for opt in (fast_opt, ref_opt):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+            opt.step()
+        for p, q in zip(fast, ref):
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                assert fast_opt.state[p][key].dtype == torch.float32
+                torch.testing.assert_close(fast_opt.state[p][key], ref_opt.state[q][key], rtol=1e-5, atol=1e-7)
+            # the same float32 result rounded once into bf16: at most one bf16 ulp apart
+            torch.testing.assert_close(p, q, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_lr_schedule_does_not_recompile_the_kernels(always_compile):
     weight, grads = torch.randn(90, 10), gradients((90, 10), 8)
     run_coupled(weight, grads[:2], lr=1e-2)  # compiles (or loads) the graphs for this configuration
