@@ -260,7 +260,8 @@ def embedding_metrics(
         token_counts: optional ``[V']`` unigram counts of the training data, ``V' <= V`` (rows beyond ``V'``, such
             as the padding rows of a vocabulary rounded up to a multiple of 64, count as never seen). Adds ``rho``,
             ``seen_rows``, ``seen/...``, ``top{k}/...`` and ``freq/...``.
-        top_k: size of the most-frequent subset (default :data:`DEFAULT_TOP_K`, at most the number of seen rows).
+        top_k: size of the most-frequent subset (default :data:`DEFAULT_TOP_K`); keys are ``top{top_k}/...`` even
+            when fewer rows were seen (then ``top{top_k}/rows`` is the number of seen rows).
 
     Keys without counts: ``iso``, ``iso_both_signs``, ``mean_norm``, ``mean_row_norm``, ``mean_norm_ratio``,
     ``avg_cosine``, ``isoscore``, ``effective_rank``, ``explained_variance_top1``, ``explained_variance_top10``,
@@ -305,12 +306,14 @@ def embedding_metrics(
         seen_metrics = _matrix_metrics(seen_matrix, gram=seen_gram)
     metrics.update({f"seen/{key}": value for key, value in seen_metrics.items()})
 
-    k = min(DEFAULT_TOP_K if top_k is None else int(top_k), num_seen)
-    if k < 2:
+    requested = DEFAULT_TOP_K if top_k is None else int(top_k)
+    if requested < 2:
         raise ValueError(f"top_k must be >= 2, got {top_k}")
-    # Stable order: equal counts keep vocabulary order, so the subset is reproducible.
-    top_index = torch.sort(seen_counts, descending=True, stable=True).indices[:k]
-    metrics.update({f"top{k}/{key}": value for key, value in _matrix_metrics(seen_matrix[top_index]).items()})
+    # Stable order: equal counts keep vocabulary order, so the subset is reproducible. The key keeps the requested
+    # k (comparable across checkpoints); top{k}/rows says how many rows it held when fewer were seen.
+    top_index = torch.sort(seen_counts, descending=True, stable=True).indices[:requested]
+    metrics.update({f"top{requested}/{key}": value
+                    for key, value in _matrix_metrics(seen_matrix[top_index]).items()})
     metrics.update({f"freq/{key}": value for key, value in _matrix_metrics(seen_matrix, seen_counts).items()})
     return metrics
 

@@ -225,6 +225,8 @@ def test_seen_top_k_and_frequency_variants_are_the_metrics_of_their_row_sets():
     order = torch.sort(seen_counts.to(torch.float64), descending=True, stable=True).indices[:10]
     for key, value in embedding_metrics(matrix[seen][order]).items():
         assert m[f"top10/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    clipped = embedding_metrics(matrix, counts, top_k=500)  # more than the 56 seen rows: all of them, same key
+    assert clipped["top500/rows"] == 56 and clipped["top500/iso"] == pytest.approx(m["seen/iso"], rel=1e-9)
     # weighting by integer counts equals repeating each row count times (for metrics that are means over rows)
     repeated = embedding_metrics(torch.repeat_interleave(matrix[seen], seen_counts, dim=0))
     for key in ("iso", "iso_both_signs", "mean_norm", "mean_norm_ratio", "isoscore", "effective_rank", "kappa",
