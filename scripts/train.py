@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging(training_args)
     logger.warning(
         f"Process rank {training_args.process_index} of {training_args.world_size}, device {training_args.device}, "
-        f"optim {training_args.optim}"
+        f"optim {getattr(training_args.optim, 'value', training_args.optim)}"
     )
     logger.info(f"Training arguments: {training_args}")
     checkpoint = resolve_checkpoint(training_args)
