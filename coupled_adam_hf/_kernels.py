@@ -1,26 +1,29 @@
-"""Fast kernels for coupled (embedding) tensors.
+"""Fast kernels for coupled (embedding) tensors, and for half-precision params with float32 state.
 
 A coupled matrix ``E`` of shape ``[V, H]`` needs no per-element second moment, so its step can move fewer bytes
 than AdamW's (SPEC §6): one read of ``g`` for the per-column statistics, then one pass that reads ``p, g, m`` and
-writes ``p, m`` (24 bytes per fp32 parameter, against AdamW's 28). Plain torch ops cannot reach that: every op is
+writes ``p, m`` (24 bytes per fp32 parameter, against AdamW's 28). Plain torch ops cannot get there: every op is
 its own pass over ``[V, H]`` memory (``m.lerp_`` and ``p.addcdiv_`` alone move 24 bytes), and on CPU torch's
-column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwidth. So both kernels here exist
-twice, with the same math:
+column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwidth. Hence:
 
-- compiled by ``torch.compile`` (inductor: vectorized C++ on CPU, Triton on CUDA), one kernel per pass;
-- as eager torch ops, the fallback when compiling is off, impossible, or fails.
+- :func:`column_sq_sum` / :func:`column_sum`: per-column sums over rows, on CPU by accumulating blocks of rows
+  into a small buffer (about as fast as reading the tensor once);
+- :func:`coupled_update_`: the element-wise part of a coupled step, and :func:`adamw_update_`: plain AdamW for a
+  half-precision param with float32 state (which torch's fused kernel cannot take). Each is the reference path's
+  sequence of in-place ops; compiled by ``torch.compile`` (inductor: vectorized C++ on CPU, Triton on CUDA) it
+  becomes one pass over memory, run eagerly it is the fallback.
 
-When to compile is decided per tensor by :func:`compile_wanted`, from the environment variable
-``COUPLED_ADAM_COMPILE``:
+When to compile is decided by :func:`compile_wanted` (per coupled tensor) and :func:`compile_wanted_for` (per set
+of uncoupled tensors), from the environment variable ``COUPLED_ADAM_COMPILE``:
 
-- ``auto`` (default): compile tensors with at least :data:`AUTO_COMPILE_MIN_NUMEL` elements. Compiling costs
-  seconds once per process (about 10-20 s on a 2-core CPU), which only pays off for real embedding matrices;
-  small models, and the test suite, stay on eager ops;
-- ``1`` / ``always``: compile every coupled tensor; ``0`` / ``never``: never compile.
+- ``auto`` (default): compile from :data:`AUTO_COMPILE_MIN_NUMEL` elements on. Compiling costs seconds once per
+  process (5-20 s on a 2-core CPU), which only pays off for real embedding matrices; small models, and the test
+  suite, stay on eager ops;
+- ``1`` / ``always``: compile whatever the size; ``0`` / ``never``: never compile.
 
 A failed compile (no C++ compiler, no Triton, an inductor bug) is logged at debug level and that kernel stays
-eager for the rest of the process. Inside an outer ``torch.compile`` (a compiled training step) the eager math is
-used, so the outer graph captures and fuses it.
+eager for the rest of the process. Inside an outer ``torch.compile`` (a compiled training step) the eager ops are
+used, so the outer graph captures and fuses them itself.
 """
 
 from __future__ import annotations
@@ -44,12 +47,9 @@ __all__ = [
 #: GPT-2's 50304 x 768 is 2.3x that). Below it, a step saves too little to repay the one-off compile time.
 AUTO_COMPILE_MIN_NUMEL = 1 << 24
 
-# A column reduction over [V, N] is computed as CHUNKS partial sums over contiguous row blocks: each block is a
-# [V / CHUNKS, N] slab read front to back (streaming reads, vectorized along the contiguous N axis) instead of
-# a strided walk down every column, which runs several times slower on CPU.
-_CHUNKS = 64
-# Eager fallback on CPU: rows per block of the accumulation loop (a [256, N] float32 accumulator stays in cache).
-_EAGER_BLOCK_ROWS = 256
+# Column sums on CPU: elements per block of rows in the accumulation loop (a 2 MiB float32 buffer; measured best
+# from 32K to 2M elements on GPT-2 and Llama embedding shapes).
+_EAGER_BLOCK_ELEMENTS = 1 << 19
 
 _COMPILE_ENV = "COUPLED_ADAM_COMPILE"
 _broken: set[str] = set()  # kernels whose compilation failed in this process
@@ -96,67 +96,59 @@ def _run_compiled(name: str, eager: Callable[..., Any], *args: Any, **kwargs: An
 
 
 # ---------------------------------------------------------------------------------------------- column sums
-def _chunked_column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
-    """sum over dim 0 of x (or x*x) for 2-D ``x``, as [1, N] in ``dtype``; written for the compiler."""
-    rows, cols = x.shape
-    body = rows // _CHUNKS * _CHUNKS
-    head = x[:body].reshape(_CHUNKS, body // _CHUNKS, cols).to(dtype)
-    tail = x[body:].to(dtype)
-    if square:
-        head, tail = head * head, tail * tail
-    return head.sum(dim=1).sum(dim=0, keepdim=True) + tail.sum(dim=0, keepdim=True)
-
-
-def _blocked_column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
-    """The same sum with eager ops: accumulate row blocks into a small reused buffer (no [V, N] temporary)."""
-    rows, cols = x.shape
+def _column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
+    shape = (1, *x.shape[1:])
+    if x.shape[0] == 0 or x.numel() == 0:
+        return torch.zeros(shape, dtype=dtype, device=x.device)
+    flat = x.reshape(x.shape[0], -1)
+    rows, cols = flat.shape
     if x.device.type != "cpu":
-        # GPU column reductions are fast; vector_norm also avoids the [V, N] temporary of (x*x).sum(0)
+        # GPU column reductions run at bandwidth; vector_norm also avoids the [V, N] temporary of (x*x).sum(0)
         if square:
-            return torch.linalg.vector_norm(x, 2, dim=0, keepdim=True, dtype=dtype).square_()
-        return x.sum(dim=0, keepdim=True, dtype=dtype)
-    block = min(_EAGER_BLOCK_ROWS, rows)
+            total = torch.linalg.vector_norm(flat, 2, dim=0, keepdim=True, dtype=dtype).square_()
+        else:
+            total = flat.sum(dim=0, keepdim=True, dtype=dtype)
+        return total.reshape(shape)
+    # On CPU, accumulate blocks of rows into a reused buffer: every block streams through contiguous memory and
+    # the buffer stays in cache. torch's own column reductions walk down the columns (vector_norm(x, dim=0) of
+    # GPT-2's embedding gradient takes longer than a whole fused AdamW step of it), and inductor's generated
+    # reduction is no faster than this loop.
+    block = max(1, min(rows, _EAGER_BLOCK_ELEMENTS // cols))
     acc = torch.zeros(block, cols, dtype=dtype, device=x.device)
     for start in range(0, rows, block):
-        chunk = x[start:start + block].to(dtype)
+        chunk = flat[start:start + block].to(dtype)
         target = acc[: chunk.shape[0]]
         if square:
             target.addcmul_(chunk, chunk)
         else:
             target.add_(chunk)
-    return acc.sum(dim=0, keepdim=True)
+    return acc.sum(dim=0, keepdim=True).reshape(shape)
 
 
-def _column_sum(x: Tensor, dtype: torch.dtype, square: bool, compiled: bool) -> Tensor:
-    shape = (1, *x.shape[1:])
-    if x.shape[0] == 0 or x.numel() == 0:
-        return torch.zeros(shape, dtype=dtype, device=x.device)
-    flat = x.reshape(x.shape[0], -1)
-    if compiled and x.shape[0] >= _CHUNKS:  # fewer rows than chunks: nothing to gain (and inductor trips on it)
-        total = _run_compiled(
-            "column_sq_sum" if square else "column_sum", _chunked_column_sum, flat, dtype, square)
-    else:
-        total = _blocked_column_sum(flat, dtype, square)
-    return total.reshape(shape)
-
-
-def column_sq_sum(x: Tensor, dtype: torch.dtype, *, compiled: bool = False) -> Tensor:
+def column_sq_sum(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Per-column sum of ``x * x`` over dim 0, shape ``[1, *x.shape[1:]]``, accumulated in ``dtype``.
 
-    One read of ``x``; nothing of its size is allocated. ``compiled``: use the torch.compile'd kernel.
+    One read of ``x`` at close to memory bandwidth; nothing of its size is allocated.
     """
-    return _column_sum(x, dtype, square=True, compiled=compiled)
+    return _column_sum(x, dtype, square=True)
 
 
-def column_sum(x: Tensor, dtype: torch.dtype, *, compiled: bool = False) -> Tensor:
+def column_sum(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Per-column sum of ``x`` over dim 0, shape ``[1, *x.shape[1:]]``, accumulated in ``dtype``."""
-    return _column_sum(x, dtype, square=False, compiled=compiled)
+    return _column_sum(x, dtype, square=False)
 
 
 # ---------------------------------------------------------------------------------------------- the update
+def _scalars_like(t: Tensor, values: list[float]) -> Tensor:
+    """Step-dependent scalars as a tensor on ``t``'s device; on a GPU through pinned memory, without a sync."""
+    if t.device.type == "cpu":
+        return torch.tensor(values, dtype=t.dtype)
+    return torch.tensor(values, dtype=t.dtype, pin_memory=True).to(t.device, non_blocking=True)
+
+
 def _coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, denom: Tensor,
                     scalars: Tensor, maximize: bool) -> None:
-    """m <- lerp(m, g, 1-b1); (full state) v <- b2 v + (1-b2) g^2; p <- p * decay + neg_step_size * m / denom.
+    """m <- m + (1-b1) (g - m); (full state) v <- b2 v + (1-b2) g^2; p <- p * decay + neg_step_size * m / denom.
 
     ``scalars`` holds ``[decay, 1 - beta1, neg_step_size, beta2, 1 - beta2]`` as a tensor: values that change
     from step to step must be tensors, or the compiler specializes on them and recompiles every step.
@@ -168,7 +160,7 @@ def _coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     g = grad.to(exp_avg.dtype)
     if maximize:
         g = -g
-    exp_avg.lerp_(g, one_minus_beta1)
+    exp_avg.add_((g - exp_avg) * one_minus_beta1)  # lerp's formula (for weights < 0.5) without its branch
     if exp_avg_sq is not None:
         exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
     p = param.to(exp_avg.dtype)
@@ -185,8 +177,7 @@ def coupled_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denom: Tensor,
     ``denom`` is the ``[1, H]`` denominator (``sqrt(vbar) / sqrt(1 - b2^t) + eps``), broadcast over rows;
     ``exp_avg_sq`` (full-state mode only) is updated with ``beta2`` in the same pass.
     """
-    scalars = torch.tensor([decay, 1.0 - beta1, neg_step_size, beta2, 1.0 - beta2], dtype=exp_avg.dtype,
-                           device=exp_avg.device)
+    scalars = _scalars_like(exp_avg, [decay, 1.0 - beta1, neg_step_size, beta2, 1.0 - beta2])
     args = (param, grad, exp_avg, exp_avg_sq, denom, scalars, maximize)
     if compiled:
         _run_compiled("coupled_update", _coupled_update, *args)
@@ -207,7 +198,7 @@ def _adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
     g = grad.to(exp_avg.dtype)
     if maximize:
         g = -g
-    exp_avg.lerp_(g, one_minus_beta1)
+    exp_avg.add_((g - exp_avg) * one_minus_beta1)
     exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
     v = exp_avg_sq
     if max_exp_avg_sq is not None:
@@ -224,8 +215,7 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
                   *, decay: float, beta1: float, beta2: float, neg_step_size: float, bc2_sqrt: float, eps: float,
                   maximize: bool, compiled: bool = False) -> None:
     """One AdamW step of one tensor, in place (one pass over memory when ``compiled``)."""
-    scalars = torch.tensor([decay, 1.0 - beta1, beta2, 1.0 - beta2, neg_step_size, bc2_sqrt, eps],
-                           dtype=exp_avg.dtype, device=exp_avg.device)
+    scalars = _scalars_like(exp_avg, [decay, 1.0 - beta1, beta2, 1.0 - beta2, neg_step_size, bc2_sqrt, eps])
     args = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, maximize)
     if compiled:
         _run_compiled("adamw_update", _adamw_update, *args)

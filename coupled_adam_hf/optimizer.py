@@ -366,7 +366,7 @@ class CoupledAdam(Optimizer):
         """Global per-column mean of g*g over rows, shape [1, *shape[1:]], in the state dtype.
 
         A reduction kernel reads g once and allocates nothing of size [V, H]: vector norm for the reference
-        path; for the others the faster column sums of ``_kernels`` (compiled on the fused path when wanted).
+        path, the blocked column sums of ``_kernels`` (several times faster on CPU) for the others.
         """
         g = _local(grad)
         dtype = _state_dtype(p)
@@ -375,8 +375,7 @@ class CoupledAdam(Optimizer):
         elif implementation == "single_tensor":
             col_sum = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=dtype).square_()
         else:
-            compiled = implementation == "fused" and _kernels.compile_wanted(g)
-            col_sum = _kernels.column_sq_sum(g, dtype, compiled=compiled)
+            col_sum = _kernels.column_sq_sum(g, dtype)
         reducer = self._column_reducers.get(p)
         if reducer is not None:
             return reducer(col_sum)
@@ -782,7 +781,7 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         else:
             # v is updated inside the one pass below, so its new column mean comes from linearity:
             # mean(b2 v + (1 - b2) g^2) = b2 mean(v) + (1 - b2) mean(g^2), one read of the old v
-            v_sum = _kernels.column_sum(v, v.dtype, compiled=True)
+            v_sum = _kernels.column_sum(v, v.dtype)
             reducer = column_means[i]
             v_mean = reducer(v_sum) if reducer is not None else v_sum.div_(v.shape[0])
             v_col = v_mean.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)

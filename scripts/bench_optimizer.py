@@ -9,12 +9,12 @@ Parameter sets take their shapes from real transformers configs (built on the me
 - ``small``: a 4-layer GPT-2, width 256, vocab 8192.
 
 Groups follow the paper: embeddings coupled with weight decay 0, other matrices weight decay 0.1, vectors 0.
-AdamW gets the same groups. Every contender steps the same parameters and gradients with its own state; within a
-round the contenders step in turn (A B C A B C ..., the order rotated every step), and each timing is paired with
-the fused AdamW step of the same turn: the reported ratio is the median of those per-turn ratios, robust to the
-load drifting. A plain copy of a large buffer runs in the same rotation and gives the memory bandwidth of the
-moment; "bw %" is a contender's minimal memory traffic per step (its bytes model, below) divided by its median
-time, relative to that copy bandwidth.
+AdamW gets the same groups. Every contender steps the same parameters and gradients with its own state. Each
+timed step of a contender sits right beside a fused AdamW step (B X, then X B on the next turn; the contender
+order rotates every turn), and the reported ratio is the median of those adjacent-pair ratios (with its
+interquartile range), robust to the load of a shared machine drifting. A plain copy of a large buffer runs in the
+same rotation and gives the memory bandwidth of the moment; "bw %" is a contender's minimal memory traffic per
+step (its bytes model, below) divided by its median time, relative to that copy bandwidth.
 
 Bytes model (per parameter element; P, G, S = bytes of a param, grad, state element): AdamW reads p, g, m, v and
 writes p, m, v: 2P + G + 4S (28 for fp32). A compact coupled tensor: one read of g for the column statistics, then
@@ -268,6 +268,8 @@ class Result:
     coupled_params: int
     median_ms: float
     ratio_to_fused_adamw: float
+    ratio_q1: float
+    ratio_q3: float
     first_step_s: float
     state_bytes: int
     state_ratio_to_adamw: float
@@ -278,6 +280,11 @@ class Result:
     round: int
     steps: int
     loadavg: list[float] = field(default_factory=list)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def copy_probe(device: torch.device, numel: int) -> Callable[[], object]:
@@ -300,24 +307,29 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
     copy = copy_probe(device, copy_numel)
     for _ in range(2):
         copy()
-    names = [c.name for c in contenders] + ["_copy"]
-    times: dict[str, list[float]] = {n: [] for n in names}
+    names = [c.name for c in contenders if c.name != BASELINE] + ["_copy"]
+    times: dict[str, list[float]] = {n: [] for n in [BASELINE, *names]}
     ratios: dict[str, list[float]] = {c.name: [] for c in contenders}
     by_name = {c.name: c for c in contenders}
+
+    def step_of(name: str) -> float:
+        if name == "_copy":
+            return _timed(copy, device)
+        with _compile_env(by_name[name].compile_env):
+            return _timed(optimizers[name].step, device)
+
+    # Every contender is timed right beside a fused AdamW step (alternately before and after it), so each ratio
+    # compares two steps taken under the same load; the contender order rotates from turn to turn.
     for turn in range(steps):
         shift = turn % len(names)
-        order = names[shift:] + names[:shift]
-        this_turn = {}
-        for n in order:
-            if n == "_copy":
-                this_turn[n] = _timed(copy, device)
-                continue
-            with _compile_env(by_name[n].compile_env):
-                this_turn[n] = _timed(optimizers[n].step, device)
-        for n, t in this_turn.items():
-            times[n].append(t)
-        for n in ratios:
-            ratios[n].append(this_turn[n] / this_turn[BASELINE])
+        for n in names[shift:] + names[:shift]:
+            pair = (BASELINE, n) if turn % 2 == 0 else (n, BASELINE)
+            measured = {name: step_of(name) for name in pair}
+            times[n].append(measured[n])
+            times[BASELINE].append(measured[BASELINE])
+            if n in ratios:
+                ratios[n].append(measured[n] / measured[BASELINE])
+    ratios[BASELINE] = [1.0]
     load = list(os.getloadavg())
     adamw_state = state_bytes(optimizers[BASELINE])
     copy_s = statistics.median(times["_copy"])
@@ -332,7 +344,8 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
         results.append(Result(
             set=ps.name, dtype=str(ps.dtype).removeprefix("torch."), contender=c.name, description=c.description,
             params=ps.numel, coupled_params=coupled_numel, median_ms=median_s * 1e3,
-            ratio_to_fused_adamw=statistics.median(ratios[c.name]), first_step_s=first_step[c.name],
+            ratio_to_fused_adamw=statistics.median(ratios[c.name]), ratio_q1=_quantile(ratios[c.name], 0.25),
+            ratio_q3=_quantile(ratios[c.name], 0.75), first_step_s=first_step[c.name],
             state_bytes=sbytes, state_ratio_to_adamw=sbytes / adamw_state if adamw_state else float("nan"),
             traffic_bytes=traffic, achieved_gb_s=achieved, copy_gb_s=copy_gb_s,
             bandwidth_fraction=achieved / copy_gb_s, round=round_index, steps=steps, loadavg=load))
@@ -370,12 +383,13 @@ def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, de
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'contender':24s} {'ms':>9s} {'x fused':>8s} {'1st s':>7s} {'state MiB':>10s} {'x state':>8s} "
-              f"{'GB/s':>7s} {'bw %':>6s} {'load1':>6s}")
+    header = (f"{'contender':24s} {'ms':>9s} {'x fused':>8s} {'(IQR)':>13s} {'1st s':>7s} {'state MiB':>10s} "
+              f"{'x state':>8s} {'GB/s':>7s} {'bw %':>6s} {'load1':>6s}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.contender:24s} {r.median_ms:9.1f} {r.ratio_to_fused_adamw:8.3f} {r.first_step_s:7.2f} "
+        print(f"{r.contender:24s} {r.median_ms:9.1f} {r.ratio_to_fused_adamw:8.3f} "
+              f"{f'({r.ratio_q1:.2f}-{r.ratio_q3:.2f})':>13s} {r.first_step_s:7.2f} "
               f"{r.state_bytes / 2**20:10.1f} {r.state_ratio_to_adamw:8.3f} {r.achieved_gb_s:7.1f} "
               f"{100 * r.bandwidth_fraction:6.0f} {r.loadavg[0]:6.2f}", flush=True)
     if results:
