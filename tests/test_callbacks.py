@@ -52,6 +52,7 @@ def entries_with(log_history: list[dict], key: str) -> list[dict]:
     return [entry for entry in log_history if key in entry]
 
 
+@pytest.mark.slow
 def test_values_reach_log_history_and_integrations_at_the_right_steps(tmp_path):
     recorder = RecordLogs()
     trainer = train(tmp_path, tiny_gpt2(), [recorder, EmbeddingIsotropyCallback(every_n_steps=3)])
@@ -70,6 +71,7 @@ def test_values_reach_log_history_and_integrations_at_the_right_steps(tmp_path):
     assert entries_with(history, "embeddings/iso")[-1]["embeddings/iso"] == pytest.approx(final["iso"])
 
 
+@pytest.mark.slow
 def test_untied_output_embedding_is_measured_separately(tmp_path):
     trainer = train(tmp_path, tiny_gpt2(tied=False), [EmbeddingIsotropyCallback(every_n_steps=5)], max_steps=5)
     history = trainer.state.log_history

@@ -81,6 +81,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------------------------------------- isotropy
+@pytest.mark.slow
 def test_isotropy_json_holds_the_metrics_of_every_matrix_of_every_checkpoint(workspace, tmp_path):
     out = tmp_path / "iso"
     results = eval_isotropy.main([
@@ -155,6 +156,7 @@ def test_eval_isotropy_command_line(workspace, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- perplexity
+@pytest.mark.slow
 def test_perplexity_json_matches_the_library_on_the_whole_file(workspace, tmp_path):
     valid = workspace["root"] / "valid.txt"
     result = eval_perplexity.main(["--model_name_or_path", str(workspace["tied"]), "--validation_file", str(valid),
