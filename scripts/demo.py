@@ -1,95 +1,287 @@
-"""AdamW vs Coupled Adam on Shakespeare: same model, seed and batches; only the embedding's second moment differs.
+#!/usr/bin/env python
+"""AdamW vs Coupled Adam, end to end, offline: train both, evaluate both, write a report with figures.
 
-Trains a small GPT-2 (tied embeddings, learned positions) twice in a plain PyTorch loop and prints the
-validation loss and the embedding mean-norm ratio ||mu|| / mean ||e_i|| of both runs.
+    python scripts/demo.py                       # ~10 minutes on 2 CPU cores: quickstart recipes, 400 steps each
+    python scripts/demo.py --long                # a bigger model trained longer (about an hour on 2 cores)
+    python scripts/demo.py --family              # add SGD, SGD+momentum, Nesterov, Adagrad and RMSprop runs
+    python scripts/demo.py --reuse               # keep finished runs/evaluations, redo only what is missing
+
+The two main runs go through the real pipeline: ``scripts/train.py`` with ``recipes/quickstart-adamw.yaml`` and
+``recipes/quickstart-coupled.yaml`` (same model, seed, data order, schedule and param groups; only the coupling of
+the token/position embeddings' second moment differs), then ``scripts/eval_isotropy.py`` and
+``scripts/eval_perplexity.py`` on the held-out plays. Everything lands in ``--output_dir``:
+``runs/<name>/`` (checkpoints, ``all_results.json``), ``eval/`` (``isotropy.json``, ``<name>/perplexity.json``,
+figures) and ``report/report.md`` with its PNGs.
 """
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import math
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
-from tokenizers import ByteLevelBPETokenizer
-from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import HfArgumentParser
 
-from coupled_adam_hf import CoupledAdam
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing, too
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "coupled_adam_hf", "data", "shakespeare")
-
-
-def read(split: str) -> str:
-    with gzip.open(os.path.join(DATA, f"{split}.txt.gz"), "rt", encoding="utf-8") as f:
-        return f.read()
+from coupled_adam_hf import plotting  # noqa: E402
+from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION  # noqa: E402
 
 
-def mean_norm_ratio(weight: torch.Tensor) -> float:
-    e = weight.detach().double()
-    return (e.mean(0).norm() / e.norm(dim=1).mean()).item()
+@dataclass
+class Run:
+    """One training run of the comparison: a recipe plus flags that override it."""
+
+    name: str
+    label: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
 
 
-def train(optim: str, ids: torch.Tensor, val: torch.Tensor, vocab: int, args) -> dict[str, float]:
-    torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=args.block, n_embd=256, n_layer=4, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
-    model = GPT2LMHeadModel(config)
-    wte = model.get_input_embeddings().weight
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p is not wte]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [{"params": [wte], "weight_decay": 0.0, "coupled": optim == "coupled_adam"},
-              {"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = CoupledAdam(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    warmup = max(1, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup
-        else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))))
-    gen = torch.Generator().manual_seed(args.seed)
-    n_blocks = (len(ids) - 1) // args.block
-    blocks = ids[: n_blocks * args.block].view(n_blocks, args.block)
-    bar = tqdm(range(args.steps), desc=optim, dynamic_ncols=True)
-    for _ in bar:
-        batch = blocks[torch.randint(n_blocks, (args.batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", mu_r=f"{mean_norm_ratio(wte):.3f}")
-    model.eval()
-    with torch.no_grad():
-        vb = val[: (len(val) // args.block) * args.block].view(-1, args.block)[:64]
-        val_loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in vb) / len(vb)
-    return {"train_loss": loss.item(), "eval_loss": val_loss, "mean_norm_ratio": mean_norm_ratio(wte)}
+MAIN_RUNS = [
+    Run("adamw", "AdamW", "recipes/quickstart-adamw.yaml"),
+    Run("coupled_adam", "Coupled Adam", "recipes/quickstart-coupled.yaml"),
+]
+# The seed notes' optimizer family, through Trainer's own optimizers, with the AdamW run's groups (embedding decay 0)
+# and learning rates that train this model stably (picked on short runs of it; SGD needs far larger steps).
+FAMILY_RUNS = [
+    Run("sgd", "SGD", "recipes/quickstart-adamw.yaml", ["--optim", "sgd", "--learning_rate", "0.5"]),
+    Run("momentum", "SGD + momentum", "recipes/quickstart-adamw.yaml",
+        ["--optim", "sgd", "--learning_rate", "0.05", "--optim_args", "momentum=0.9"]),
+    Run("nesterov", "Nesterov", "recipes/quickstart-adamw.yaml",
+        ["--optim", "sgd", "--learning_rate", "0.05", "--optim_args", "momentum=0.9,nesterov=True"]),
+    Run("adagrad", "Adagrad", "recipes/quickstart-adamw.yaml", ["--optim", "adagrad", "--learning_rate", "0.02"]),
+    Run("rmsprop", "RMSprop", "recipes/quickstart-adamw.yaml",
+        ["--optim", "rmsprop", "--learning_rate", "1e-3", "--optim_args", "alpha=0.95,eps=1e-8"]),
+]
+# --long: the issue's calibration setting (GPT-2 4 x 256, tied, 8k byte-BPE, 32 x 128 tokens, lr 2e-3), longer.
+LONG_OVERRIDES = [
+    "--config_overrides",
+    "n_layer=4,n_head=4,n_embd=256,n_positions=128,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0,"
+    "tie_word_embeddings=True",
+    "--tokenizer_vocab_size", "8192", "--per_device_train_batch_size", "32", "--learning_rate", "2e-3",
+    "--max_steps", "1600", "--warmup_steps", "100", "--eval_steps", "400", "--save_steps", "400",
+    "--isotropy_logging_steps", "100",
+]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="runs/demo", metadata={"help": "Where runs, evaluations and the report go."})
+    long: bool = field(default=False, metadata={"help": "Bigger model (4 x 256, 8k vocab), 1600 steps of 32 x 128."})
+    family: bool = field(
+        default=False, metadata={"help": "Also train SGD, SGD+momentum, Nesterov, Adagrad and RMSprop (5 more runs)."}
+    )
+    reuse: bool = field(default=False, metadata={"help": "Keep finished runs and evaluations in --output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over in a non-empty --output_dir."})
+    max_steps: int | None = field(default=None, metadata={"help": "Override the number of training steps."})
+    eval_max_tokens: int | None = field(
+        default=None, metadata={"help": "Score at most this many validation tokens for perplexity (default: all)."}
+    )
 
+
+class DemoError(RuntimeError):
+    """A reason the demo cannot go on, said in one line."""
+
+
+def run_step(description: str, command: list[str]) -> None:
+    print(f"\n==> {description}\n    {' '.join(command)}", flush=True)
+    # one intra-op thread unless the user says otherwise (see scripts/demo.sh: far faster on a busy small machine)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    completed = subprocess.run(command, cwd=ROOT, env=env)
+    if completed.returncode != 0:
+        raise DemoError(f"{description} failed (exit code {completed.returncode}); its output is above")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "all_results.json").is_file() and (run_dir / "model.safetensors").is_file()
+
+
+def train(run: Run, out: Path, args: DemoArguments) -> Path:
+    run_dir = out / "runs" / run.name
+    if args.reuse and finished(run_dir):
+        print(f"\n==> reusing the finished run {run_dir}")
+        return run_dir
+    command = [sys.executable, "scripts/train.py", run.recipe, *run.overrides]
+    if args.long:
+        command += LONG_OVERRIDES
+    if args.max_steps is not None:
+        command += ["--max_steps", str(args.max_steps)]
+    command += ["--output_dir", str(run_dir), "--log_level", "warning", "--report_to", "none"]
+    if run_dir.exists():
+        command += ["--overwrite_output_dir", "true"]
+    run_step(f"training {run.label}", command)
+    return run_dir
+
+
+def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoArguments) -> dict[str, Any]:
+    eval_dir = out / "eval"
+    isotropy_file = eval_dir / "isotropy" / "isotropy.json"
+    if not (args.reuse and isotropy_file.is_file()
+            and set(read_json(isotropy_file)["checkpoints"]) == {r.label for r in runs}):
+        run_step("embedding isotropy of all runs", [
+            sys.executable, "scripts/eval_isotropy.py",
+            "--model_name_or_path", *[str(run_dirs[r.name]) for r in runs],
+            "--labels", *[r.label for r in runs],
+            "--count_tokens_in", str(SHAKESPEARE_TRAIN),
+            "--output_dir", str(eval_dir / "isotropy"), "--overwrite_output_dir", "true",
+        ])
+    perplexities = {}
+    for run in runs:
+        ppl_file = eval_dir / run.name / "perplexity.json"
+        if not (args.reuse and ppl_file.is_file()
+                and ppl_file.stat().st_mtime >= (run_dirs[run.name] / "model.safetensors").stat().st_mtime):
+            command = [
+                sys.executable, "scripts/eval_perplexity.py", "--model_name_or_path", str(run_dirs[run.name]),
+                "--validation_file", str(SHAKESPEARE_VALIDATION), "--context_length", "128", "--stride", "64",
+                "--batch_size", "32", "--output_dir", str(eval_dir / run.name), "--overwrite_output_dir", "true",
+            ]
+            if args.eval_max_tokens:
+                command += ["--max_eval_tokens", str(args.eval_max_tokens)]
+            run_step(f"perplexity of {run.label} on the held-out plays", command)
+        perplexities[run.name] = read_json(ppl_file)
+    return {"isotropy": read_json(isotropy_file), "perplexity": perplexities}
+
+
+HEADLINE = [
+    ("eval loss", lambda r: r["all_results"].get("eval_loss"), "{:.3f}"),
+    ("perplexity", lambda r: r["perplexity"]["perplexity"], "{:.1f}"),
+    ("bits/byte", lambda r: r["perplexity"].get("bits_per_byte"), "{:.3f}"),
+    ("Iso", lambda r: r["token"].get("iso"), "{:.3f}"),
+    ("Iso (seen)", lambda r: r["token"].get("seen/iso"), "{:.3f}"),
+    ("‖mu‖^r", lambda r: r["token"].get("mean_norm_ratio"), "{:.3f}"),
+    ("‖mu‖^r (seen)", lambda r: r["token"].get("seen/mean_norm_ratio"), "{:.3f}"),
+    ("avg cos", lambda r: r["token"].get("avg_cosine"), "{:.3f}"),
+    ("avg cos (seen)", lambda r: r["token"].get("seen/avg_cosine"), "{:.3f}"),
+    ("eff. rank", lambda r: r["token"].get("effective_rank"), "{:.1f}"),
+    ("eff. rank (seen)", lambda r: r["token"].get("seen/effective_rank"), "{:.1f}"),
+]
+
+
+def collect_rows(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        matrices = evaluation["isotropy"]["checkpoints"][run.label]["matrices"]
+        token = matrices.get("token") or next(iter(matrices.values()))
+        record = {"all_results": read_json(run_dirs[run.name] / "all_results.json"),
+                  "perplexity": evaluation["perplexity"][run.name], "token": token}
+        row = {"run": run.label}
+        for name, getter, fmt in HEADLINE:
+            value = getter(record)
+            row[name] = fmt.format(value) if isinstance(value, (int, float)) else "-"
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    line = lambda cells: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)  # noqa: E731
+                                   for i, (x, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line([r[c] for c in columns]) for r in rows])
+
+
+def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[str, Any], rows, out: Path,
+                 args: DemoArguments, seconds: float) -> Path:
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plotting.plot_training_curves({r.label: run_dirs[r.name] for r in runs}, report_dir / "training_curves.png",
+                                  title="Training: loss and token-embedding isotropy")
+    figures = ["training_curves.png"]
+    isotropy_dir = out / "eval" / "isotropy"
+    for name in ("spectrum_token.png", "projection_token.png", "norm_vs_frequency_token.png", "metrics_token.png"):
+        if (isotropy_dir / name).is_file():
+            shutil.copyfile(isotropy_dir / name, report_dir / name)
+            figures.append(name)
+    first = read_json(run_dirs[runs[0].name] / "all_results.json")
+    setting = "long (4 x 256, 8k vocab)" if args.long else "quickstart (4 x 128, 4k vocab)"
+    load = os.getloadavg()
+    lines = [
+        "# Coupled Adam vs AdamW on Shakespeare",
+        "",
+        f"Setting: {setting}; {first.get('train_steps', args.max_steps or '?')} steps per run; "
+        "GPT-2 with tied token embedding/LM head and learned positions; byte-level BPE trained on the training "
+        "plays; validation on three held-out plays (Macbeth, Twelfth Night, Julius Caesar). Same seed, data order, "
+        "schedule (warmup, cosine to lr/10), clipping 1.0 and param groups; embedding weight decay 0.",
+        "",
+        "Token-embedding metrics (SPEC §4) over all rows and over the rows of tokens seen in training. "
+        "Perplexity: sliding window, context 128, stride 64, on the held-out plays.",
+        "",
+        markdown_table(rows),
+        "",
+        f"Iso sign convention: {evaluation['isotropy'].get('iso_sign_convention', '-')}",
+        "",
+        f"Wall time {seconds / 60:.1f} min; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
+        "",
+        "## Figures",
+        "",
+    ]
+    captions = {
+        "training_curves.png": "Training loss (eval loss dashed), Iso and relative mean norm of the token embedding",
+        "spectrum_token.png": "Singular values of the token embedding (a drifted mean shows as the outlier at k=1)",
+        "projection_token.png": "Rows on their top-2 singular directions, coloured by log token frequency",
+        "norm_vs_frequency_token.png": "Embedding norm vs token frequency",
+        "metrics_token.png": "Embedding metrics side by side",
+    }
+    for name in figures:
+        lines += [f"### {captions.get(name, name)}", "", f"![{name}]({name})", ""]
+    lines += ["## Where the numbers come from", ""]
+    lines += [f"- {r.label}: `{run_dirs[r.name]}` (`all_results.json`, `trainer_state.json`)" for r in runs]
+    lines += [f"- isotropy: `{isotropy_dir / 'isotropy.json'}`; perplexity: `{out / 'eval'}/<run>/perplexity.json`"]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (report_dir / "headline.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return path
+
+
+def check_output_dir(out: Path, args: DemoArguments) -> None:
+    if args.reuse and args.overwrite:
+        raise DemoError("--reuse and --overwrite contradict each other: pick one")
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--output_dir {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not (args.reuse or args.overwrite):
+        raise DemoError(f"{out} already holds a demo; pass --reuse to keep its finished runs, --overwrite to start "
+                        "over, or another --output_dir")
+    if args.overwrite and out.is_dir():
+        shutil.rmtree(out)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
     start = time.time()
-    tokenizer = ByteLevelBPETokenizer()
-    train_text, val_text = read("train"), read("validation")
-    tokenizer.train_from_iterator(train_text.splitlines(), vocab_size=args.vocab, show_progress=False)
-    ids = torch.tensor(tokenizer.encode(train_text).ids)
-    val = torch.tensor(tokenizer.encode(val_text).ids)
-    vocab = tokenizer.get_vocab_size()
-    results = {optim: train(optim, ids, val, vocab, args) for optim in ("adamw", "coupled_adam")}
-    print(f"\n{'optimizer':<14}{'train loss':>12}{'eval loss':>12}{'||mu||^r':>12}")
-    for optim, r in results.items():
-        print(f"{optim:<14}{r['train_loss']:>12.3f}{r['eval_loss']:>12.3f}{r['mean_norm_ratio']:>12.3f}")
-    print(f"({args.steps} steps of {args.batch}x{args.block} tokens each, {time.time() - start:.0f} s)")
+    out = Path(args.output_dir)
+    check_output_dir(out, args)
+    runs = MAIN_RUNS + (FAMILY_RUNS if args.family else [])
+    run_dirs = {run.name: train(run, out, args) for run in runs}
+    evaluation = evaluate(runs, run_dirs, out, args)
+    rows = collect_rows(runs, run_dirs, evaluation)
+    report = write_report(runs, run_dirs, evaluation, rows, out, args, time.time() - start)
+    print("\n" + text_table(rows))
+    print(f"\nReport: {report} (figures beside it). Took {(time.time() - start) / 60:.1f} min.")
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DemoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
