@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,7 @@ _EAGER_BLOCK_ELEMENTS = 1 << 19
 
 _COMPILE_ENV = "COUPLED_ADAM_COMPILE"
 _broken: set[str] = set()  # kernels whose compilation failed in this process
-_compiled: dict[str, Callable[..., Any]] = {}
+_compiled: dict[tuple, Callable[..., Any]] = {}  # one compiled function per kernel and signature
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -81,18 +82,33 @@ def compile_wanted(t: Tensor) -> bool:
     return policy == "always" or t.numel() >= AUTO_COMPILE_MIN_NUMEL
 
 
-def _run_compiled(name: str, eager: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``eager`` compiled; on any compile failure fall back to it (and never try that kernel again)."""
+def _signature(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype, value.device)
+    return value
+
+
+def _run_compiled(name: str, eager: Callable[..., Any], *args: Any) -> Any:
+    """Run ``eager`` compiled for these exact shapes; on any compile failure fall back to it for good.
+
+    One compiled function per signature (shapes, strides, dtypes, flags), each on its own copy of the code object:
+    dynamo then never recompiles, so its recompile limit (8 per code object, which a model's dozen parameter
+    shapes would exceed) does not apply, and no kernel is built for dynamic shapes, which inductor's CPU code runs
+    at about half the speed of a static-shape kernel.
+    """
     if name not in _broken:
-        fn = _compiled.get(name)
-        if fn is None:
-            fn = _compiled[name] = torch.compile(eager, fullgraph=True)
+        key = (name, *map(_signature, args))
+        fn = _compiled.get(key)
         try:
-            return fn(*args, **kwargs)
+            if fn is None:
+                code = eager.__code__.replace(co_name=f"{eager.__name__}_{len(_compiled)}")
+                clone = types.FunctionType(code, eager.__globals__, code.co_name, eager.__defaults__)
+                fn = _compiled[key] = torch.compile(clone, fullgraph=True, dynamic=False)
+            return fn(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager kernel
             _broken.add(name)
             logger.debug("coupled_adam_hf: torch.compile of %s failed, using eager torch ops: %r", name, error)
-    return eager(*args, **kwargs)
+    return eager(*args)
 
 
 # ---------------------------------------------------------------------------------------------- column sums
