@@ -7,7 +7,9 @@ decay), split by ``Trainer.get_decay_parameter_names``. With any other ``optim``
 
 Everything else (gradient accumulation, clipping by norm, mixed precision, DDP, checkpoints, schedulers, logging)
 is ``Trainer``'s own. This module adds two callbacks: clipping by value (``max_grad_value``) and, when
-``isotropy_logging_steps > 0``, ``coupled_adam_hf.callbacks.EmbeddingIsotropyCallback``.
+``isotropy_logging_steps > 0``, ``coupled_adam_hf.callbacks.EmbeddingIsotropyCallback``; and, with
+``stop_on_nonfinite_loss`` (the default), a stop with :class:`coupled_adam_hf.reliability.NonFiniteTrainingError`
+when a training loss is NaN/inf (before that step's update) or when weights about to be saved are not finite.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from .distributed import SUPPORTED_PARALLELISM, check_supported_parallelism
 from .optimizer import CoupledAdam
 from .partition import EmbeddingParameter, find_coupled_parameters, parse_targets, partition_parameters
+from .reliability import NonFiniteTrainingError, nonfinite_parameters
 from .training_args import COUPLED_ADAM
 
 __all__ = ["CoupledAdamTrainer", "GradientValueClippingCallback"]
@@ -132,6 +135,36 @@ class CoupledAdamTrainer(Trainer):
                 f"matrix over all of its rows. Supported: {SUPPORTED_PARALLELISM}. Alternatively train with "
                 "--optim adamw_torch_fused."
             )
+
+    # ------------------------------------------------------------------ divergence
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One host sync per micro-batch, as Trainer's own logging_nan_inf_filter check costs. Raising here keeps
+        # the NaN step's update out of the weights; Trainer would otherwise step on NaN gradients and save them.
+        if self._option("stop_on_nonfinite_loss", False) and not bool(torch.isfinite(loss.detach()).all()):
+            step = self.state.global_step + 1
+            raise NonFiniteTrainingError(
+                f"the training loss became {loss.detach().float().mean().item()} at optimizer step {step} of "
+                f"{self.state.max_steps}; training stopped before that step's update, so nothing was saved after "
+                f"step {step - 1}",
+                step=step,
+                what="loss",
+            )
+        return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Checkpoints go through here first (Trainer._save_checkpoint), so non-finite weights never reach disk and
+        # checkpoint rotation never deletes a good checkpoint to make room for a diverged one.
+        if self._option("stop_on_nonfinite_loss", False) and self.model is not None:
+            broken = nonfinite_parameters(self.model.named_parameters())
+            if broken:
+                raise NonFiniteTrainingError(
+                    f"weights {', '.join(broken)} hold NaN/inf at optimizer step {self.state.global_step}; not "
+                    f"saving them to {output_dir or self.args.output_dir}",
+                    step=self.state.global_step,
+                    what="weights",
+                )
+        super().save_model(output_dir, _internal_call)
 
     # ------------------------------------------------------------------ optimizer
     def coupled_param_groups(self, model: nn.Module, coupled: bool = True) -> list[dict[str, Any]]:

@@ -111,6 +111,22 @@ class CoupledAdamTrainingArguments(TrainingArguments):
             "0 disables it."
         },
     )
+    stop_on_nonfinite_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with an error naming the step when a training loss is NaN/inf (before that "
+            "step's update), and refuse to save non-finite weights, so no checkpoint written after a divergence "
+            "replaces good ones (CoupledAdamTrainer)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "scripts/train.py: train from scratch into an --output_dir that already holds a run (its "
+            "checkpoint-* folders are deleted first). Without it, a folder with an unfinished run is resumed from "
+            "its last checkpoint and a folder with a finished run is refused."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.coupled_targets, (list, tuple)):  # a YAML/JSON list

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from coupled_adam_hf.cli import UsageError, one_line, run_cli
 from coupled_adam_hf.metrics import DEFAULT_TOP_K, ISO_SIGN_CONVENTION, embedding_metrics, read_token_counts
 
 logger = logging.getLogger("eval_isotropy")
@@ -81,12 +82,15 @@ class IsotropyArguments:
 def parse_arguments(argv: list[str] | None) -> IsotropyArguments:
     parser = HfArgumentParser(IsotropyArguments)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            (args,) = parser.parse_json_file(argv[0])
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            (args,) = parser.parse_yaml_file(argv[0])
+        else:
+            (args,) = parser.parse_args_into_dataclasses(argv)
+    except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
+        raise UsageError(f"invalid arguments: {one_line(error)}") from error
     return args
 
 
@@ -126,15 +130,23 @@ def load_checkpoint(path: str, args: IsotropyArguments):
     """(model, tokenizer or None). A causal LM when the checkpoint is one (for an untied head), else AutoModel."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from coupled_adam_hf.reliability import model_folder_problem
+
     kwargs = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+    problem = model_folder_problem(path) if Path(path).is_dir() or path.startswith((".", "/", "~")) else None
+    if problem:
+        raise UsageError(f"cannot load checkpoint {path!r}: {problem}")
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise OSError(f"cannot load checkpoint {path!r}: {str(error).splitlines()[0]}") from error
+    except Exception as error:
+        raise UsageError(f"cannot load checkpoint {path!r}: {one_line(error)}") from error
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-    except ValueError:  # not a causal LM (BERT, T5 encoder, ...): the base model has the same embeddings
-        model = AutoModel.from_pretrained(path, config=config, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        except ValueError:  # not a causal LM (BERT, T5 encoder, ...): the base model has the same embeddings
+            model = AutoModel.from_pretrained(path, config=config, **kwargs)
+    except Exception as error:  # unreadable weights
+        raise UsageError(f"cannot load checkpoint {path!r}: {one_line(error)}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, TypeError):
@@ -330,7 +342,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    try:
-        main()
-    except (ValueError, OSError, TypeError) as error:
-        sys.exit(f"eval_isotropy.py: error: {error}")
+    run_cli(main, prog="eval_isotropy.py")  # bad input: one line on stderr, exit status 2

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from coupled_adam_hf.cli import UsageError, one_line, run_cli
 from coupled_adam_hf.perplexity import DEFAULT_TEXT_SEPARATOR, evaluate_perplexity, tokenize_text
 
 logger = logging.getLogger("eval_perplexity")
@@ -80,11 +81,14 @@ class PerplexityArguments:
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, PerplexityArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, PerplexityArguments))
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0])
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            return parser.parse_yaml_file(argv[0])
+        return parser.parse_args_into_dataclasses(argv)
+    except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
+        raise UsageError(f"invalid arguments: {one_line(error)}") from error
 
 
 def validate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> None:
@@ -130,14 +134,18 @@ def load_texts(data_args: DataArguments) -> tuple[list[str], str]:
 def load_model_and_tokenizer(model_args: ModelArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from coupled_adam_hf.reliability import model_folder_problem
+
     kwargs = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
+    path = model_args.model_name_or_path
+    problem = model_folder_problem(path) if Path(path).is_dir() or path.startswith((".", "/", "~")) else None
+    if problem:
+        raise UsageError(f"cannot load {path!r}: {problem}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
-                                                  **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path,
-                                                     dtype=_DTYPES[model_args.dtype], **kwargs)
-    except (OSError, ValueError) as error:
-        raise OSError(f"cannot load {model_args.model_name_or_path!r}: {str(error).splitlines()[0]}") from error
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[model_args.dtype], **kwargs)
+    except Exception as error:  # missing files, unreadable weights, a folder that is not a causal LM
+        raise UsageError(f"cannot load {path!r}: {one_line(error)}") from error
     if model_args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -195,7 +203,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    try:
-        main()
-    except (ValueError, OSError) as error:
-        sys.exit(f"eval_perplexity.py: error: {error}")
+    run_cli(main, prog="eval_perplexity.py")  # bad input: one line on stderr, exit status 2

@@ -138,8 +138,12 @@ def test_paper_recipes_carry_the_papers_hyperparameters(recipe):
 
 
 def test_resume_from_checkpoint_true_picks_the_newest_checkpoint(tmp_path):
-    for step in (3, 12, 6):
+    from safetensors.torch import save_file
+
+    for step in (3, 12, 6):  # complete as far as the check reads them: trainer state (written last) and weights
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"w": torch.zeros(2)}, tmp_path / f"checkpoint-{step}" / "model.safetensors")
     args = train_script.CoupledAdamTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="true")
     assert train_script.resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")
     args.resume_from_checkpoint = str(tmp_path / "checkpoint-99")
