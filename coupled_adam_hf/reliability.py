@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import threading
+import time
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -213,17 +214,24 @@ class SaveOnSignalCallback(TrainerCallback):
     signal; at the next ``on_step_end`` the callback sets ``control.should_save`` and
     ``control.should_training_stop``, so ``Trainer`` writes ``checkpoint-N`` with optimizer, scheduler and RNG
     state, exactly as a scheduled save, and ``train()`` returns. A checkpoint being written when the signal
-    arrives is finished first. A second signal restores the previous handler and re-delivers the signal (so
-    Ctrl-C twice raises ``KeyboardInterrupt``; SIGTERM twice terminates).
+    arrives is finished first. A second signal, a second or more after the first, restores the previous handler
+    and re-delivers the signal (so Ctrl-C twice raises ``KeyboardInterrupt``; SIGTERM twice terminates); one that
+    follows within ``repeat_window_s`` is the same request (under ``torchrun``/``accelerate launch`` a Ctrl-C
+    reaches each worker twice: from the terminal and forwarded by the launcher, which then waits
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds, 30 by default, before SIGKILL).
 
     After ``train()``, ``received`` is the signal number (None if none came) and ``stopped_at_step`` the step at
     which the checkpoint was saved. With several processes (DDP) the ranks agree through an all-reduce every step,
     so that all of them stop at the same step even if only one received the signal.
     """
 
+    #: A second signal within this many seconds of the first is the same request, not "stop at once".
+    repeat_window_s = 1.0
+
     def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)):
         self.signals = tuple(signals)
         self.received: int | None = None
+        self._received_at = 0.0
         self.stopped_at_step: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -245,11 +253,14 @@ class SaveOnSignalCallback(TrainerCallback):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # asked twice: stop now
-            self.restore_handlers()
+        now = time.monotonic()
+        if self.received is not None:
+            if now - self._received_at < self.repeat_window_s:
+                return  # the same request again: launchers (torchrun) forward the Ctrl-C the terminal already sent
+            self.restore_handlers()  # asked twice: stop now
             signal.raise_signal(signum)
             return
-        self.received = signum
+        self.received, self._received_at = signum, now
         logger.warning(
             f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of the current step, then "
             "stopping (send it again to stop at once, without saving)"

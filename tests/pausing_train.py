@@ -2,14 +2,16 @@
 
     python tests/pausing_train.py PAUSE_AT_STEP READY_FILE [scripts/train.py arguments ...]
 
-At the end of optimizer step ``PAUSE_AT_STEP`` it creates ``READY_FILE`` and waits until the test deletes it
-(at most 120 s), then trains on. Everything else -- argument handling, signal handling, checkpoints, exit status --
+At the end of optimizer step ``PAUSE_AT_STEP`` it writes its process id to ``READY_FILE`` (``READY_FILE.rank{N}``
+under a launcher with several processes) and waits until the test deletes that file (at most 120 s), then trains
+on. Everything else -- argument handling, signal handling, checkpoints, exit status --
 is the real script's: its ``main`` runs under ``run_cli`` exactly as ``python scripts/train.py`` does.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ class PauseAtStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            self.ready_file.write_text(str(self.step))
+            self.ready_file.write_text(str(os.getpid()))
             deadline = time.monotonic() + 120
             while self.ready_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)  # a signal's Python handler runs here, in the main thread
@@ -44,7 +46,9 @@ def main() -> None:
     class PausingTrainer(train_script.CoupledAdamTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.add_callback(PauseAtStep(int(pause_at), Path(ready_file)))
+            several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            ready = Path(f"{ready_file}.rank{os.environ['RANK']}" if several else ready_file)
+            self.add_callback(PauseAtStep(int(pause_at), ready))
 
     train_script.CoupledAdamTrainer = PausingTrainer
     run_cli(lambda: train_script.main(train_argv), prog="train.py")

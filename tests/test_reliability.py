@@ -170,6 +170,51 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint_and_resumes_to_id
     assert_same_weights(reference, output_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(workspace, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("the accelerate launcher is not installed next to this Python")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output_dir, ready = tmp_path / "run", tmp_path / "ready"
+    command = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+               "--main_process_port", str(port), str(ROOT / "tests" / "pausing_train.py"), str(PAUSE_AT), str(ready),
+               *argv(workspace, output_dir)]
+    launcher = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def kill_all() -> None:  # the launcher and its workers: they share the new session's process group
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    rank_files = [Path(f"{ready}.rank{rank}") for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(f.exists() and f.read_text() for f in rank_files):
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            kill_all()
+            pytest.fail(f"the ranks never reached step {PAUSE_AT}:\n" + launcher.communicate()[1][-3000:])
+        time.sleep(0.05)
+    os.kill(int(rank_files[1].read_text()), signal.SIGTERM)  # rank 1 only
+    for f in rank_files:
+        f.unlink()
+    try:
+        _, stderr = launcher.communicate(timeout=120)  # without agreement, rank 0 would wait in the next all-reduce
+    except subprocess.TimeoutExpired:
+        kill_all()
+        pytest.fail("the ranks did not stop together")
+    stopped = PAUSE_AT + 1
+    assert stderr.count(f"interrupted by SIGTERM at step {stopped} of {MAX_STEPS}") == 2, stderr[-3000:]
+    assert [p.name for p in sorted(output_dir.glob("checkpoint-*"))] == ["checkpoint-3", f"checkpoint-{stopped}"]
+    assert checkpoint_problem(output_dir / f"checkpoint-{stopped}") is None
+
+
 def test_a_checkpoint_cut_short_by_a_crash_is_skipped_and_the_previous_one_resumed(reference, tmp_path, caplog):
     output_dir = tmp_path / "run"
     shutil.copytree(reference / "checkpoint-3", output_dir / "checkpoint-3")
@@ -188,7 +233,7 @@ def test_a_checkpoint_cut_short_by_a_crash_is_skipped_and_the_previous_one_resum
     assert find_resumable_checkpoint(output_dir)[0] == str(output_dir / "checkpoint-3")
 
 
-def test_a_second_signal_restores_the_previous_handler_and_delivers_the_signal_to_it():
+def test_a_second_signal_restores_the_previous_handler_and_delivers_the_signal_to_it(monkeypatch):
     delivered = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: delivered.append(signum))
     try:
@@ -196,6 +241,9 @@ def test_a_second_signal_restores_the_previous_handler_and_delivers_the_signal_t
         callback.on_train_begin(args=None, state=None, control=None)
         signal.raise_signal(signal.SIGUSR1)
         assert callback.received == signal.SIGUSR1 and delivered == []  # recorded, not acted on yet
+        signal.raise_signal(signal.SIGUSR1)  # at once: the launcher's copy of the same Ctrl-C
+        assert delivered == [] and signal.getsignal(signal.SIGUSR1) == callback._handle
+        monkeypatch.setattr(callback, "repeat_window_s", 0.0)  # as if a second had passed
         signal.raise_signal(signal.SIGUSR1)
         assert delivered == [signal.SIGUSR1]  # the second one reached the previous handler
         assert signal.getsignal(signal.SIGUSR1) is not callback._handle
