@@ -372,15 +372,7 @@ def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, de
     for index, round_contenders in enumerate(rounds):
         results += run_round(ps, round_contenders, args.steps, args.warmup, device,
                              args.copy_mib * (1 << 20) // 4, index)
-    # the baseline ran in every round: keep one row for it (the first round's)
-    seen_baseline = False
-    kept = []
-    for r in results:
-        if r.contender == BASELINE:
-            if seen_baseline:
-                continue
-            seen_baseline = True
-        kept.append(r)
+    kept = results  # the baseline has a row per round: each round's ratios refer to its own baseline
     print_table(kept)
     del ps
     gc.collect()
@@ -388,18 +380,18 @@ def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, de
 
 
 def print_table(results: list[Result]) -> None:
-    header = (f"{'contender':24s} {'ms':>8s} {'x fused':>8s} {'(IQR)':>13s} {'min ms':>8s} {'x (min)':>8s} "
+    header = (f"{'contender':24s} {'rnd':>3s} {'ms':>8s} {'x fused':>8s} {'(IQR)':>13s} {'min ms':>8s} {'x (min)':>8s} "
               f"{'1st s':>6s} {'state MiB':>10s} {'x state':>8s} {'GB/s':>6s} {'bw %':>5s} {'load1':>6s}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.contender:24s} {r.median_ms:8.1f} {r.ratio_to_fused_adamw:8.3f} "
+        print(f"{r.contender:24s} {r.round + 1:3d} {r.median_ms:8.1f} {r.ratio_to_fused_adamw:8.3f} "
               f"{f'({r.ratio_q1:.2f}-{r.ratio_q3:.2f})':>13s} {r.min_ms:8.1f} {r.ratio_of_minimums:8.3f} "
               f"{r.first_step_s:6.2f} "
               f"{r.state_bytes / 2**20:10.1f} {r.state_ratio_to_adamw:8.3f} {r.achieved_gb_s:6.1f} "
               f"{100 * r.bandwidth_fraction:5.0f} {r.loadavg[0]:6.2f}", flush=True)
-    if results:
-        print(f"(copy bandwidth {results[0].copy_gb_s:.1f} GB/s; round {results[-1].round + 1})")
+    copy = {r.round: r.copy_gb_s for r in results}
+    print("copy bandwidth per round: " + ", ".join(f"{v:.1f} GB/s" for v in copy.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
