@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, too
 
 from coupled_adam_hf import plotting  # noqa: E402
+from coupled_adam_hf.cli import CLIError, UsageError, run_cli  # noqa: E402
 from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION  # noqa: E402
 
 
@@ -87,8 +88,8 @@ class DemoArguments:
     )
 
 
-class DemoError(RuntimeError):
-    """A reason the demo cannot go on, said in one line."""
+class DemoError(UsageError):
+    """A reason the demo cannot go on, said in one line (exit status 2)."""
 
 
 def run_step(description: str, command: list[str]) -> None:
@@ -97,7 +98,8 @@ def run_step(description: str, command: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     completed = subprocess.run(command, cwd=ROOT, env=env)
     if completed.returncode != 0:
-        raise DemoError(f"{description} failed (exit code {completed.returncode}); its output is above")
+        raise CLIError(f"{description} failed (exit code {completed.returncode}); its output is above",
+                       exit_code=completed.returncode if completed.returncode > 0 else 1)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -119,8 +121,8 @@ def train(run: Run, out: Path, args: DemoArguments) -> Path:
     if args.max_steps is not None:
         command += ["--max_steps", str(args.max_steps)]
     command += ["--output_dir", str(run_dir), "--log_level", "warning", "--report_to", "none"]
-    if run_dir.exists():
-        command += ["--overwrite_output_dir", "true"]
+    if run_dir.exists() and not args.reuse:
+        command += ["--overwrite_output_dir", "true"]  # with --reuse, train.py resumes an interrupted run instead
     run_step(f"training {run.label}", command)
     return run_dir
 
@@ -280,8 +282,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DemoError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, prog="demo.py")
