@@ -193,10 +193,11 @@ class CoupledAdam(Optimizer):
             and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         )
 
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    def _init_state(self, group: dict[str, Any], p: Tensor, torch_fused: bool) -> dict[str, Any]:
+        """State of ``p``, created on first use; ``torch_fused``: ``p`` goes through torch's fused kernel."""
         state = self.state[p]
         dtype = _state_dtype(p)
-        step_device = p.device if self._uses_torch_fused(group, p) else torch.device("cpu")
+        step_device = p.device if torch_fused else torch.device("cpu")
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -319,7 +320,8 @@ class CoupledAdam(Optimizer):
                     f"CoupledAdam does not support sparse gradients ({_param_label(group, p, index)}); "
                     "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
                 )
-            state = self._init_state(group, p)
+            torch_fused = self._uses_torch_fused(group, p)
+            state = self._init_state(group, p, torch_fused)
             batch["params"].append(p)
             batch["grads"].append(grad)
             batch["exp_avgs"].append(state["exp_avg"])
@@ -327,7 +329,7 @@ class CoupledAdam(Optimizer):
             if group["amsgrad"]:
                 batch["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
             batch["steps"].append(state["step"])
-            batch["torch_fused"].append(self._uses_torch_fused(group, p))
+            batch["torch_fused"].append(torch_fused)
             batch["column_means"].append(self._column_reducer(group, p))
         return batch
 
