@@ -121,8 +121,8 @@ def column_state_zeros(param: Tensor, shape: tuple[int, ...], dtype: torch.dtype
     )
 
 
-def lay_out_state_like_param(state: dict[str, Any], param: Tensor, dtype: torch.dtype, *, coupled: bool,
-                             compact: bool) -> None:
+def lay_out_state_like_param(state: dict[str, Any], param: Tensor, dtypes: dict[str, torch.dtype], *,
+                             coupled: bool, compact: bool) -> None:
     """Give loaded optimizer state the layout a DTensor parameter's fresh state would have, in place.
 
     Distributed checkpointing (``set_optimizer_state_dict``) already hands over DTensors laid out like this
@@ -141,6 +141,7 @@ def lay_out_state_like_param(state: dict[str, Any], param: Tensor, dtype: torch.
         column = coupled and key in column_keys
         placements = _column_state_placements(param) if column else list(param.placements)
         value = state[key]
+        dtype = dtypes[key]
         if isinstance(value, DTensor):
             if value.dtype != dtype:
                 value = value.to(dtype=dtype)

@@ -28,7 +28,7 @@ _NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
 # Param-group keys that describe how state is laid out, not hyperparameters: load_state_dict keeps the values this
 # optimizer was built with and converts the loaded state to them.
-_STRUCTURAL_KEYS = ("coupled", "compact")
+_STRUCTURAL_KEYS = ("coupled", "compact", "state_dtype")
 
 # Group keys this optimizer owns, with their defaults. ``coupled``/``avg_scale``/``compact`` are the coupling;
 # the rest mirror torch.optim.AdamW.
@@ -40,6 +40,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "coupled": False,
     "avg_scale": 1.0,
     "compact": True,
+    "state_dtype": None,
     "amsgrad": False,
     "maximize": False,
     "foreach": None,
@@ -47,9 +48,32 @@ _GROUP_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """Optimizer state is kept in float32 for half-precision parameters (master moments), else in the param dtype."""
-    return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+def _state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """dtype of ``exp_avg`` and of per-element second moments: the group's ``state_dtype``, else the param's own
+    (as in ``torch.optim.AdamW``)."""
+    return param.dtype if state_dtype is None else state_dtype
+
+
+def _column_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """dtype of compact ``[1, H]`` column statistics: at least float32 (they are a mean over the whole vocabulary,
+    and tiny)."""
+    return torch.promote_types(_state_dtype(param, state_dtype), torch.float32)
+
+
+def _parse_state_dtype(value: Any, index: int) -> torch.dtype | None:
+    """``None``, a torch dtype, or its name (``"float32"``, ``"torch.float32"``, ``"fp32"``), from YAML or a CLI."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower().removeprefix("torch.")
+        name = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise TypeError(
+        f"Invalid state_dtype: {value!r} (group {index}); use None (the param's own dtype, as torch.optim.AdamW) or "
+        "a floating dtype such as torch.float32"
+    )
 
 
 def _local(t: Tensor) -> Tensor:
@@ -60,7 +84,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _column_mean(x: Tensor) -> Tensor:
     """Mean over the vocabulary axis (dim 0), one value per hidden column, kept 2-D for broadcasting."""
-    return x.mean(dim=0, keepdim=True)
+    return x.mean(dim=0, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
@@ -100,6 +124,11 @@ class CoupledAdam(Optimizer):
         avg_scale: the paper's scaled variant: :math:`\bar v` is multiplied by ``s``, so the step of a coupled
             tensor shrinks by :math:`1/\sqrt{s}` when ``eps`` is negligible.
         compact: store the coupled second moment as one value per column (default) instead of per element.
+        state_dtype: dtype of ``exp_avg`` (and of per-element ``exp_avg_sq``). ``None`` (default): the param's own
+            dtype, as in ``torch.optim.AdamW`` (so a bf16 model gets bf16 moments, and uncoupled params stay
+            bit-identical to torch's fused AdamW). ``torch.float32``: float32 moments for half-precision params
+            (updated in float32, rounded once into the param): more accurate, 2x the state bytes. It may not be
+            narrower than a param's dtype. Compact ``[1, H]`` column statistics are always at least float32.
         amsgrad: AMSGrad. For coupled tensors the running maximum is taken of :math:`\bar v` (shape ``[1, H]``)
             in both storage modes.
         maximize: maximize the objective instead of minimizing it.
@@ -120,8 +149,8 @@ class CoupledAdam(Optimizer):
         ...     lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
 
     State per parameter: ``step``, ``exp_avg`` (shape of the param), ``exp_avg_sq`` (shape of the param, or
-    ``[1, *shape[1:]]`` for compact coupled tensors), ``max_exp_avg_sq`` with amsgrad. State is float32 for
-    float16/bfloat16 parameters and created lazily on the first ``step()``.
+    ``[1, *shape[1:]]`` for compact coupled tensors), ``max_exp_avg_sq`` with amsgrad; created lazily on the first
+    ``step()``, in ``state_dtype``.
     """
 
     def __init__(
@@ -135,6 +164,7 @@ class CoupledAdam(Optimizer):
         coupled: bool = False,
         avg_scale: float = 1.0,
         compact: bool = True,
+        state_dtype: torch.dtype | str | None = None,
         amsgrad: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -145,7 +175,7 @@ class CoupledAdam(Optimizer):
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r}; choose one of {_NONFINITE_POLICIES}")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=coupled, avg_scale=avg_scale,
-            compact=compact, amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused,
+            compact=compact, state_dtype=state_dtype, amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused,
         )
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -159,6 +189,7 @@ class CoupledAdam(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
+        group["state_dtype"] = _parse_state_dtype(group["state_dtype"], index)
         _validate_group(group, index)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -189,25 +220,26 @@ class CoupledAdam(Optimizer):
         return (
             self._implementation(group) == "fused"
             and not group["coupled"]
-            and p.dtype == _state_dtype(p)
+            and p.dtype == _state_dtype(p, group["state_dtype"])
             and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         )
 
     def _init_state(self, group: dict[str, Any], p: Tensor, torch_fused: bool) -> dict[str, Any]:
         """State of ``p``, created on first use; ``torch_fused``: ``p`` goes through torch's fused kernel."""
         state = self.state[p]
-        dtype = _state_dtype(p)
+        dtype = _state_dtype(p, group["state_dtype"])
+        column_dtype = _column_state_dtype(p, group["state_dtype"])
         step_device = p.device if torch_fused else torch.device("cpu")
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if group["coupled"] and group["compact"]:
-                state["exp_avg_sq"] = self._zeros_column_state(p, dtype)
+                state["exp_avg_sq"] = self._zeros_column_state(p, column_dtype)
             else:
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = (
-                    self._zeros_column_state(p, dtype)
+                    self._zeros_column_state(p, column_dtype)
                     if group["coupled"]
                     else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 )
@@ -243,7 +275,7 @@ class CoupledAdam(Optimizer):
             if group["coupled"]:
                 implementation = self._implementation(group)
                 batch["grad_sq_means"] = [
-                    self._grad_sq_column_mean(p, g, implementation)
+                    self._grad_sq_column_mean(p, g, implementation, _column_state_dtype(p, group["state_dtype"]))
                     for p, g in zip(batch["params"], batch["grads"])
                 ]
                 self._drop_stand_ins_nobody_needs(batch)
@@ -364,14 +396,14 @@ class CoupledAdam(Optimizer):
                 if isinstance(values, list) and len(values) == n:
                     del values[i]
 
-    def _grad_sq_column_mean(self, p: Tensor, grad: Tensor, implementation: str = "single_tensor") -> Tensor:
-        """Global per-column mean of g*g over rows, shape [1, *shape[1:]], in the state dtype.
+    def _grad_sq_column_mean(self, p: Tensor, grad: Tensor, implementation: str = "single_tensor",
+                             dtype: torch.dtype = torch.float32) -> Tensor:
+        """Global per-column mean of g*g over rows, shape [1, *shape[1:]], accumulated in ``dtype``.
 
         A reduction kernel reads g once and allocates nothing of size [V, H]: vector norm for the reference
         path, the blocked column sums of ``_kernels`` (several times faster on CPU) for the others.
         """
         g = _local(grad)
-        dtype = _state_dtype(p)
         if g.shape[0] == 0:
             col_sum = torch.zeros((1, *g.shape[1:]), dtype=dtype, device=g.device)
         elif implementation == "single_tensor":
@@ -409,7 +441,7 @@ class CoupledAdam(Optimizer):
         - compact into an uncoupled (plain AdamW) group: refused, since per-element second moments cannot be
           recovered from their column means.
 
-        Optimizer state keeps float32 for half-precision params (torch's loader would cast it to the param dtype).
+        Loaded state takes this optimizer's ``state_dtype`` (torch's loader would cast it to the param dtype).
         """
         saved_state = state_dict["state"]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -429,26 +461,42 @@ class CoupledAdam(Optimizer):
                 continue
             index, group = group_of[p]
             state = self.state[p]
-            dtype = _state_dtype(p)
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in saved_state[pid]:
-                    original = saved_state[pid][key]
-                    state[key] = _to_like(original, p, dtype)
+                    state[key] = _to_like(saved_state[pid][key], p)
             _convert_second_moments(state, group, p, index)
+            dtypes = _state_dtypes(group, p)
             if _is_dtensor(p):
                 from .distributed import lay_out_state_like_param
 
-                lay_out_state_like_param(state, p, dtype, coupled=group["coupled"], compact=group["compact"])
+                lay_out_state_like_param(state, p, dtypes, coupled=group["coupled"], compact=group["compact"])
+            else:
+                for key, dtype in dtypes.items():
+                    if key in state and state[key].dtype != dtype:
+                        state[key] = state[key].to(dtype)
             step_device = p.device if self._uses_torch_fused(group, p) else torch.device("cpu")
             if "step" in state:
                 # a copy: torch's loader hands back the very step tensor of the source optimizer
                 state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=step_device, copy=True)
 
 
-def _to_like(value: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
+def _to_like(value: Tensor, p: Tensor) -> Tensor:
+    """A copy of loaded state on ``p``'s device (its dtype is settled after layout conversion)."""
     if _is_dtensor(p) or _is_dtensor(value):
         return value  # distributed checkpoint loading places DTensor state itself
-    return value.to(device=p.device, dtype=dtype, copy=True)
+    return value.to(device=p.device, copy=True)
+
+
+def _state_dtypes(group: dict[str, Any], p: Tensor) -> dict[str, torch.dtype]:
+    """The dtype of each state tensor of ``p`` in ``group``'s layout."""
+    dtype = _state_dtype(p, group["state_dtype"])
+    column = _column_state_dtype(p, group["state_dtype"])
+    coupled = group["coupled"]
+    return {
+        "exp_avg": dtype,
+        "exp_avg_sq": column if coupled and group["compact"] else dtype,
+        "max_exp_avg_sq": column if coupled else dtype,
+    }
 
 
 def _convert_second_moments(state: dict[str, Any], group: dict[str, Any], p: Tensor, index: int) -> None:
@@ -546,6 +594,15 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
                 f"Coupled tensors need at least 2 dims (rows = vocabulary items): {_param_label(group, p, index)}. "
                 "Put biases, norms and other vectors in an uncoupled group."
             )
+        state_dtype = group["state_dtype"]
+        if state_dtype is not None and (
+            not state_dtype.is_floating_point or torch.promote_types(p.dtype, state_dtype) != state_dtype
+        ):
+            raise ValueError(
+                f"Invalid state_dtype {state_dtype} for {_param_label(group, p, index)} of dtype {p.dtype}: optimizer "
+                "state may not be narrower than the param (the update would be rounded into it). Use None (the "
+                "param's dtype) or a wider floating dtype such as torch.float32."
+            )
 
 
 # ---------------------------------------------------------------------- functional core
@@ -621,7 +678,7 @@ def coupled_adam(
 def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1,
                          beta2, lr, weight_decay, eps, maximize):
     for i, param in enumerate(params):
-        p, g = _working_copies(param, grads[i], maximize)
+        p, g = _working_copies(param, grads[i], _local(exp_avgs[i]).dtype, maximize)
         m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
         step += 1
         bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
@@ -642,7 +699,7 @@ def _single_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
                            column_means, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps,
                            maximize):
     for i, param in enumerate(params):
-        p, g = _working_copies(param, grads[i], maximize)
+        p, g = _working_copies(param, grads[i], _local(exp_avgs[i]).dtype, maximize)
         m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
         step += 1
         bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
@@ -671,10 +728,10 @@ def _global_column_mean(x: Tensor, reducer: Callable[[Tensor], Tensor] | None) -
     return reducer(x.sum(dim=0, keepdim=True))
 
 
-def _working_copies(param: Tensor, grad: Tensor, maximize: bool) -> tuple[Tensor, Tensor]:
-    """Plain tensors in the state dtype: half-precision params are updated in float32 and rounded once."""
+def _working_copies(param: Tensor, grad: Tensor, dtype: torch.dtype, maximize: bool) -> tuple[Tensor, Tensor]:
+    """Plain tensors in the state dtype ``dtype``: with float32 state, half-precision params are updated in float32
+    and rounded once."""
     p, g = _local(param), _local(grad)
-    dtype = _state_dtype(p)
     if p.dtype != dtype:
         p = p.to(dtype)
     if g.dtype != dtype:
@@ -733,7 +790,7 @@ def _multi_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
     The column statistics of g were taken before (one read of g).
     """
     for i, param in enumerate(params):
-        p, g = _working_copies(param, grads[i], maximize)
+        p, g = _working_copies(param, grads[i], _local(exp_avgs[i]).dtype, maximize)
         m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
         step += 1
         bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)

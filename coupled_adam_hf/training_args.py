@@ -13,7 +13,7 @@ validate built-in names as before. Built-in names end up as ``OptimizerNames`` m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
@@ -32,8 +32,14 @@ CoupledAdamOptimizerNames = ExplicitEnum(
 )
 CoupledAdamOptimizerNames.__doc__ = "Every `transformers.training_args.OptimizerNames` value plus `coupled_adam`."
 
-#: Keys ``--optim_args`` accepts with ``coupled_adam`` (booleans: true/false).
-COUPLED_ADAM_OPTIM_ARGS = ("amsgrad", "maximize", "foreach", "fused")
+#: Keys ``--optim_args`` accepts with ``coupled_adam``, each with the values it takes.
+COUPLED_ADAM_OPTIM_ARGS: dict[str, tuple[str, ...]] = {
+    "amsgrad": ("true", "false"),
+    "maximize": ("true", "false"),
+    "foreach": ("true", "false"),
+    "fused": ("true", "false"),
+    "state_dtype": ("none", "float32", "float64"),
+}
 
 _TARGETS_HELP = (
     "Which embeddings Coupled Adam couples (comma-separated): "
@@ -168,20 +174,25 @@ class CoupledAdamTrainingArguments(TrainingArguments):
         if self.uses_coupled_adam:
             self.coupled_adam_optim_kwargs()  # parse --optim_args for its errors
 
-    def coupled_adam_optim_kwargs(self) -> dict[str, bool]:
-        """``--optim_args`` for coupled_adam, e.g. ``"amsgrad=true,fused=false"``, as constructor kwargs."""
+    def coupled_adam_optim_kwargs(self) -> dict[str, Any]:
+        """``--optim_args`` for coupled_adam, e.g. ``"amsgrad=true,state_dtype=float32"``, as constructor kwargs."""
         if not self.optim_args:
             return {}
-        kwargs: dict[str, bool] = {}
+        kwargs: dict[str, Any] = {}
         for item in self.optim_args.replace(" ", "").split(","):
             key, sep, value = item.partition("=")
-            if not sep or key not in COUPLED_ADAM_OPTIM_ARGS or value.lower() not in ("true", "false"):
+            value = value.lower()
+            if not sep or value not in COUPLED_ADAM_OPTIM_ARGS.get(key, ()):
+                accepted = "; ".join(f"{k}={'|'.join(v)}" for k, v in COUPLED_ADAM_OPTIM_ARGS.items())
                 raise ValueError(
-                    f"--optim_args {self.optim_args!r}: coupled_adam accepts key=true|false pairs for keys "
-                    f"{', '.join(COUPLED_ADAM_OPTIM_ARGS)} (betas, eps and lr have their own flags: --adam_beta1, "
-                    "--adam_beta2, --adam_epsilon, --learning_rate)."
+                    f"--optim_args {self.optim_args!r}: coupled_adam accepts comma-separated key=value pairs: "
+                    f"{accepted} (betas, eps and lr have their own flags: --adam_beta1, --adam_beta2, "
+                    "--adam_epsilon, --learning_rate)."
                 )
-            kwargs[key] = value.lower() == "true"
+            if value in ("true", "false"):
+                kwargs[key] = value == "true"
+            else:
+                kwargs[key] = None if value == "none" else value
         return kwargs
 
     def set_optimizer(self, name: str = "adamw_torch", *args, **kwargs):

@@ -133,6 +133,7 @@ class Contender:
     compile_env: str | None = None  # COUPLED_ADAM_COMPILE while this contender steps
     bytes_kind: str = "adamw"  # "adamw", "compact" or "full": the bytes model for coupled tensors
     description: str = ""
+    fp32_state: bool = False  # moments in float32 whatever the param dtype (state_dtype=torch.float32)
 
 
 HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
@@ -164,6 +165,8 @@ CONTENDERS = [
               "foreach=True, full second moment (the paper's layout)"),
     Contender("coupled_single_tensor", _coupled(foreach=False, fused=False), None, "compact",
               "the single-tensor reference path"),
+    Contender("coupled_fp32_state", _coupled(state_dtype=torch.float32), None, "compact",
+              "default, but float32 moments for half-precision params (state_dtype=torch.float32)", True),
 ]
 QUICK_CONTENDERS = ("adamw_fused", "adamw_foreach", "coupled_default", "coupled_fused_compiled",
                     "coupled_fused_eager", "coupled_foreach", "coupled_full_fused")
@@ -193,7 +196,7 @@ def expected_state_bytes(contender: Contender, ps: ParameterSet) -> int:
     """Estimate before building (to plan rounds that fit in memory)."""
     total = 0
     for p, coupled in zip(ps.params, ps.coupled):
-        size = p.element_size() if contender.name.startswith("adamw") else 4 if p.element_size() < 4 else p.element_size()
+        size = max(p.element_size(), 4) if contender.fp32_state else p.element_size()
         rows = p.shape[0] if p.dim() else 1
         v_numel = p.numel() // rows if coupled and contender.bytes_kind == "compact" else p.numel()
         total += (p.numel() + v_numel) * size
@@ -205,7 +208,7 @@ def traffic_bytes(contender: Contender, ps: ParameterSet) -> int:
     total = 0
     for p, coupled in zip(ps.params, ps.coupled):
         P = G = p.element_size()
-        S = P if contender.name.startswith("adamw") else max(P, 4)
+        S = max(P, 4) if contender.fp32_state else P
         if coupled and contender.bytes_kind == "compact":
             per = 2 * P + 2 * G + 2 * S
         elif coupled and contender.bytes_kind == "full":

@@ -364,25 +364,86 @@ def test_compact_state_into_uncoupled_group_is_refused_with_reason():
 # ----------------------------------------------------------------------------- precision and devices
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_half_precision_params_get_float32_state_and_track_the_fp32_run(dtype, impl):
+@pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["param-dtype-state", "fp32-state"])
+def test_half_precision_state_follows_state_dtype_and_tracks_the_fp32_run(dtype, impl, state_dtype):
     params32, groups32, _ = coupled_setup()
     low = [p.detach().to(dtype).requires_grad_() for p in params32]
     groups_low = [{"params": [low[0]], "coupled": True}, {"params": low[1:]}]
-    opt_low = CoupledAdam(groups_low, lr=1e-2, **IMPLEMENTATIONS[impl])
+    opt_low = CoupledAdam(groups_low, lr=1e-2, state_dtype=state_dtype, **IMPLEMENTATIONS[impl])
     opt32 = CoupledAdam(groups32, lr=1e-2, **IMPLEMENTATIONS[impl])
     grads = list(gradient_stream([p.shape for p in params32], 10))
     run(opt_low, low, grads)
     run(opt32, params32, grads)
-    for p in low:
-        assert p.dtype == dtype
-        assert all(t.dtype == torch.float32 for k, t in opt_low.state[p].items() if k != "step")
+    moment_dtype = dtype if state_dtype is None else torch.float32
+    coupled_state = opt_low.state[low[0]]
+    assert coupled_state["exp_avg"].dtype == moment_dtype
+    assert coupled_state["exp_avg_sq"].dtype == torch.float32  # compact [1, H] statistics: always >= float32
+    for p in low[1:]:
+        assert opt_low.state[p]["exp_avg"].dtype == opt_low.state[p]["exp_avg_sq"].dtype == moment_dtype
     for a, b in zip(low, params32):
+        assert a.dtype == dtype
         torch.testing.assert_close(a.float(), b, rtol=0, atol=0.05)
-    # reloading keeps the state in float32 (torch's loader alone would cast it to the param dtype)
-    reloaded = CoupledAdam([{"params": [low[0]], "coupled": True}, {"params": low[1:]}], lr=1e-2)
+    # reloading keeps this optimizer's state dtypes (torch's loader alone would cast everything to the param dtype)
+    reloaded = CoupledAdam([{"params": [low[0]], "coupled": True}, {"params": low[1:]}], lr=1e-2,
+                           state_dtype=state_dtype)
     reloaded.load_state_dict(opt_low.state_dict())
-    assert reloaded.state[low[0]]["exp_avg"].dtype == torch.float32
-    assert torch.equal(reloaded.state[low[0]]["exp_avg"], opt_low.state[low[0]]["exp_avg"])
+    for p in low:
+        for key, value in opt_low.state[p].items():
+            assert reloaded.state[p][key].dtype == value.dtype
+            assert torch.equal(reloaded.state[p][key], value)
+
+
+def test_float32_state_tracks_the_fp32_run_closer_than_half_state():
+    """What state_dtype=float32 buys: bf16 moments round away part of every small (1 - beta) contribution."""
+    params32, groups32, _ = coupled_setup()
+    grads = [[g.bfloat16().float() for g in step] for step in gradient_stream([p.shape for p in params32], 40)]
+    opt32 = CoupledAdam(groups32, lr=1e-3)
+    run(opt32, params32, grads)
+    errors = {}
+    for state_dtype in (None, torch.float32):
+        low = [p.detach().to(torch.bfloat16).requires_grad_() for p in coupled_setup()[0]]
+        opt = CoupledAdam([{"params": [low[0]], "coupled": True}, {"params": low[1:]}], lr=1e-3,
+                          state_dtype=state_dtype)
+        run(opt, low, grads)
+        errors[state_dtype] = max(
+            ((opt.state[a][key].float() - opt32.state[b][key]).abs() / opt32.state[b][key].abs().clamp_min(1e-6))
+            .mean().item()
+            for a, b in zip(low, params32) for key in ("exp_avg", "exp_avg_sq")
+        )
+    # the same gradients (bf16-exact): float32 moments match the fp32 run to float32 rounding, bf16 ones do not
+    assert errors[torch.float32] < 1e-5 < 1e-3 < errors[None]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_uncoupled_params_are_bitwise_torch_fused_adamw_in_their_own_dtype(dtype):
+    """The default state dtype is the param's, as in torch.optim.AdamW: uncoupled params take torch's own fused
+    kernel and end bit for bit where AdamW(fused=True) ends."""
+    params = make_params(shapes=[(6, 4), (4,), (3, 5)], dtype=dtype)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-6)
+    ours = CoupledAdam(params, **hyper)
+    torch_opt = torch.optim.AdamW(twins, fused=True, **hyper)
+    grads = list(gradient_stream([p.shape for p in params], 8))
+    run(ours, params, grads)
+    run(torch_opt, twins, grads)
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+        assert torch.equal(ours.state[a]["exp_avg_sq"], torch_opt.state[b]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "float16"])
+def test_state_dtype_narrower_than_a_param_is_refused(state_dtype):
+    params = make_params(shapes=[(6, 4)], dtype=torch.float32)
+    with pytest.raises(ValueError, match="may not be narrower than the param"):
+        CoupledAdam(params, state_dtype=state_dtype)
+
+
+@pytest.mark.parametrize("name", ["float32", "torch.float32", "fp32"])
+def test_state_dtype_accepts_names_from_yaml(name):
+    params = make_params(shapes=[(6, 4)], dtype=torch.bfloat16)
+    assert CoupledAdam(params, state_dtype=name).param_groups[0]["state_dtype"] == torch.float32
+    with pytest.raises(TypeError, match="Invalid state_dtype"):
+        CoupledAdam(params, state_dtype="float33")
 
 
 @pytest.mark.gpu

@@ -105,6 +105,7 @@ def test_yaml_list_of_targets_is_stored_as_a_string():
         (dict(coupled_targets="none,token"), "coupled_targets"),
         (dict(coupled_nonfinite="drop"), "coupled_nonfinite"),
         (dict(optim_args="betas=0.9"), "optim_args"),
+        (dict(optim_args="state_dtype=bfloat16"), "state_dtype=none|float32|float64"),
     ],
 )
 def test_bad_coupling_options_fail_with_the_flag_name(kwargs, message):
@@ -115,6 +116,8 @@ def test_bad_coupling_options_fail_with_the_flag_name(kwargs, message):
 def test_optim_args_become_coupled_adam_keywords():
     args = make(optim="coupled_adam", optim_args="amsgrad=true, fused=False")
     assert args.coupled_adam_optim_kwargs() == {"amsgrad": True, "fused": False}
+    args = make(optim="coupled_adam", optim_args="state_dtype=float32,fused=true")
+    assert args.coupled_adam_optim_kwargs() == {"state_dtype": "float32", "fused": True}
 
 
 def test_set_optimizer_accepts_coupled_adam():
