@@ -37,16 +37,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _cpu_kernels
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AUTO_COMPILE_MIN_NUMEL", "adamw_update_", "column_sq_sum", "column_sum", "compile_wanted", "compile_wanted_for",
-    "coupled_update_",
+    "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "column_sq_sum", "column_sum", "compile_wanted",
+    "compile_wanted_for", "coupled_update_", "cpp_wanted",
 ]
 
 #: ``COUPLED_ADAM_COMPILE=auto`` compiles coupled tensors from this size on (2**24 elements: a 32k x 512 matrix;
 #: GPT-2's 50304 x 768 is 2.3x that). Below it, a step saves too little to repay the one-off compile time.
 AUTO_COMPILE_MIN_NUMEL = 1 << 24
+
+#: ``COUPLED_ADAM_COMPILE=auto`` runs coupled CPU tensors from this size on (2**20 elements: an 8k x 128 matrix)
+#: through the hand-written C++ kernels of ``_cpu_kernels``: about 2 s of compiling once per machine (cached on
+#: disk), not per process, so they pay off much earlier than a torch.compile'd kernel.
+AUTO_CPP_MIN_NUMEL = 1 << 20
 
 # Column sums on CPU: elements per block of rows in the accumulation loop (a 2 MiB float32 buffer; measured best
 # from 32K to 2M elements on GPT-2 and Llama embedding shapes).
@@ -80,6 +87,16 @@ def compile_wanted(t: Tensor) -> bool:
     if policy == "never":
         return False
     return policy == "always" or t.numel() >= AUTO_COMPILE_MIN_NUMEL
+
+
+def cpp_wanted(t: Tensor) -> bool:
+    """Whether a coupled CPU tensor ``t`` should go through the C++ kernels of ``_cpu_kernels``."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or not _cpu_kernels.available():
+        return False
+    policy = compile_policy()
+    if policy == "never":
+        return False
+    return policy == "always" or t.numel() >= AUTO_CPP_MIN_NUMEL
 
 
 def _signature(value: Any) -> Any:
@@ -116,6 +133,10 @@ def _column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
     shape = (1, *x.shape[1:])
     if x.shape[0] == 0 or x.numel() == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
+    if dtype == torch.float32 and cpp_wanted(x):
+        total = _cpu_kernels.column_sum(x, square)
+        if total is not None:
+            return total
     flat = x.reshape(x.shape[0], -1)
     rows, cols = flat.shape
     if x.device.type != "cpu":
@@ -161,10 +182,12 @@ def column_sum(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- the update
 def _scalars_like(t: Tensor, values: list[float]) -> Tensor:
-    """Step-dependent scalars as a tensor on ``t``'s device; on a GPU through pinned memory, without a sync."""
+    """Step-dependent scalars as a tensor on ``t``'s device, in at least float32 (a bf16 ``1 - lr * wd`` would round
+    to 1); on a GPU through pinned memory, without a sync."""
+    dtype = torch.promote_types(t.dtype, torch.float32)
     if t.device.type == "cpu":
-        return torch.tensor(values, dtype=t.dtype)
-    return torch.tensor(values, dtype=t.dtype, pin_memory=True).to(t.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(t.device, non_blocking=True)
 
 
 def _coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, denom: Tensor,
@@ -192,12 +215,18 @@ def _coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
 
 def coupled_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denom: Tensor, *, decay: float,
                     beta1: float, neg_step_size: float, maximize: bool, exp_avg_sq: Tensor | None = None,
-                    beta2: float = 0.0, compiled: bool = False) -> None:
-    """The element-wise part of a coupled step, in place, in one pass over memory when ``compiled``.
+                    beta2: float = 0.0, compiled: bool = False, native: bool = False) -> None:
+    """The element-wise part of a coupled step, in place, in one pass over memory when ``native`` (the C++ CPU
+    kernel, where it can take the tensors) or ``compiled`` (torch.compile); else eager torch ops.
 
     ``denom`` is the ``[1, H]`` denominator (``sqrt(vbar) / sqrt(1 - b2^t) + eps``), broadcast over rows;
     ``exp_avg_sq`` (full-state mode only) is updated with ``beta2`` in the same pass.
     """
+    if native:
+        scale = torch.div(neg_step_size, denom)  # [1, H]: the step per column
+        if _cpu_kernels.coupled_update(param, grad, exp_avg, exp_avg_sq, scale, decay=decay, beta1=beta1,
+                                       beta2=beta2, maximize=maximize):
+            return
     scalars = _scalars_like(exp_avg, [decay, 1.0 - beta1, neg_step_size, beta2, 1.0 - beta2])
     args = (param, grad, exp_avg, exp_avg_sq, denom, scalars, maximize)
     if compiled:

@@ -816,16 +816,18 @@ def _multi_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
 # --- fused: compiled one-pass kernels for large coupled tensors ------------------------------------------------
 def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means,
                    column_means, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize):
-    """The multi-tensor math, with the [V, H] work done by one compiled pass (see ``_kernels``).
+    """The multi-tensor math, with the [V, H] work done in one pass (see ``_kernels``): the C++ kernel on CPU,
+    a torch.compile'd one on GPUs (and on CPUs where the C++ kernels cannot be built).
 
-    Reads p, g, m and writes p, m once (plus v in full-state mode). Tensors that ``_kernels.compile_wanted``
-    declines (small ones, by default) take the eager multi-tensor ops.
+    Reads p, g, m and writes p, m once (plus v in full-state mode). Tensors that both ``_kernels.cpp_wanted`` and
+    ``_kernels.compile_wanted`` decline (small ones, by default) take the eager multi-tensor ops.
     """
     hyper = dict(compact=compact, avg_scale=avg_scale, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
                  weight_decay=weight_decay, eps=eps, maximize=maximize)
     for i, param in enumerate(params):
         p = _local(param)
-        if not _kernels.compile_wanted(p):
+        native, compiled = _kernels.cpp_wanted(p), _kernels.compile_wanted(p)
+        if not (native or compiled):
             _multi_tensor_coupled([param], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
                                   [max_exp_avg_sqs[i]] if amsgrad else [], [state_steps[i]], [grad_sq_means[i]],
                                   [column_means[i]], **hyper)
@@ -840,7 +842,7 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         else:
             # v is updated inside the one pass below, so its new column mean comes from linearity:
             # mean(b2 v + (1 - b2) g^2) = b2 mean(v) + (1 - b2) mean(g^2), one read of the old v
-            v_sum = _kernels.column_sum(v, v.dtype)
+            v_sum = _kernels.column_sum(v, torch.promote_types(v.dtype, torch.float32))
             reducer = column_means[i]
             v_mean = reducer(v_sum) if reducer is not None else v_sum.div_(v.shape[0])
             v_col = v_mean.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
@@ -851,7 +853,7 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         denom = v_col.mul(avg_scale / (bc2_sqrt * bc2_sqrt)).sqrt_().add_(eps)
         _kernels.coupled_update_(
             p, _local(grads[i]), m, denom, decay=1 - lr * weight_decay, beta1=beta1, neg_step_size=-lr / bc1,
-            maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=True)
+            maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=compiled, native=native)
 
 
 def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1, beta2,

@@ -1,0 +1,230 @@
+"""Hand-written C++ kernels for coupled tensors on CPU, built with inductor's C++ toolchain.
+
+Two loops carry a coupled step on CPU, and neither is a good fit for generated code:
+
+- the per-column sum of ``g*g`` over rows (an *outer* reduction: inductor's C++ backend, torch's
+  ``vector_norm(g, dim=0)`` and a blocked ``addcmul_`` loop all run well below the speed of reading ``g``);
+- the one-pass update ``m <- m + (1-b1)(g-m)``, ``p <- p*decay + m*scale`` over ``[V, H]``.
+
+Here each is a plain OpenMP loop over rows with a vectorizable inner loop over columns. Column sums accumulate
+eight rows at a time in registers into fixed blocks of rows, and the blocks are combined in order: the result does
+not depend on the number of threads (a resumed run on another machine steps bit for bit the same).
+
+The sources are compiled on first use by ``torch._inductor``'s ``CppPythonBindingsCodeCache`` (the compiler,
+flags, OpenMP and vector ISA that inductor's own CPU kernels use; about 2 s per variant, then cached on disk
+across processes). That is a private torch API: if it is missing, or the compile fails (no C++ compiler), the
+caller falls back to the portable kernels in ``_kernels`` and this module is not tried again in the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# float64 tensors (tests, analysis) stay on torch ops: these kernels compute in float32
+_C_TYPES = {
+    torch.float32: "float",
+    torch.bfloat16: "c10::BFloat16",
+    torch.float16: "c10::Half",
+}
+
+_PRELUDE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <omp.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+typedef IN_T in_t;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+// float vectors to and from any of float / bfloat16 / half memory (W elements; bf16 and half convert exactly)
+template <typename T> inline Vec load_vec(const T* ptr) {
+  if constexpr (std::is_same_v<T, float>) return Vec::loadu(ptr);
+  else return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(ptr, W));
+}
+template <typename T> inline void store_vec(T* ptr, const Vec& x) {
+  if constexpr (std::is_same_v<T, float>) x.store(ptr);
+  else at::vec::convert<T>(x).store(ptr, W);
+}
+"""
+
+# Per-column sum over rows of x (SQUARE: of x*x), in float. Rows are cut into blocks whose size depends on the shape
+# only; each block sums its rows in order, eight at a time in registers, and the blocks are added in order.
+_COLUMN_SUM = _PRELUDE + r"""
+extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
+  const int64_t block_rows = std::max<int64_t>(64, (rows + 255) / 256);
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t vec_cols = cols - cols % W;
+  std::vector<float> partial(blocks * cols);
+  #pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* acc = partial.data() + b * cols;
+    const int64_t r0 = b * block_rows;
+    const int64_t r1 = std::min(rows, r0 + block_rows);
+    std::fill(acc, acc + cols, 0.0f);
+    int64_t r = r0;
+    for (; r + 8 <= r1; r += 8) {
+      const in_t* row = x + r * cols;
+      for (int64_t j = 0; j < vec_cols; j += W) {
+        Vec s = Vec::loadu(acc + j);
+        for (int64_t u = 0; u < 8; ++u) {
+          const Vec value = load_vec(row + u * cols + j);
+          s = SQUARE ? at::vec::fmadd(value, value, s) : s + value;
+        }
+        s.store(acc + j);
+      }
+      for (int64_t j = vec_cols; j < cols; ++j) {
+        for (int64_t u = 0; u < 8; ++u) {
+          const float value = static_cast<float>(row[u * cols + j]);
+          acc[j] += SQUARE ? value * value : value;
+        }
+      }
+    }
+    for (; r < r1; ++r) {
+      const in_t* row = x + r * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float value = static_cast<float>(row[j]);
+        acc[j] += SQUARE ? value * value : value;
+      }
+    }
+  }
+  #pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < cols; ++j) {
+    float s = 0;
+    for (int64_t b = 0; b < blocks; ++b) s += partial[b * cols + j];
+    out[j] = s;
+  }
+}
+"""
+
+# One pass of a coupled step over [rows, cols], computed in float, each tensor rounded once when stored:
+# m <- m + (1-b1)(g - m); with FULL also v <- b2 v + (1-b2) g^2; then p <- p * decay + m * scale[col], with m as
+# stored (rounded to the state dtype), as the reference path reads it. scalars = [decay, 1 - b1, b2, 1 - b2].
+_COUPLED_UPDATE = _PRELUDE + r"""
+typedef STATE_T state_t;
+inline void update_one(in_t* p, const in_t* g, state_t* m, state_t* v, float scale, float decay, float c1,
+                       float beta2, float c2) {
+  float grad = static_cast<float>(*g);
+  if (MAXIMIZE) grad = -grad;
+  const float old_m = static_cast<float>(*m);
+  const state_t new_m = static_cast<state_t>(std::fma(grad - old_m, c1, old_m));
+  *m = new_m;
+  if (FULL) *v = static_cast<state_t>(std::fma(grad * grad, c2, static_cast<float>(*v) * beta2));
+  *p = static_cast<in_t>(std::fma(static_cast<float>(new_m), scale, static_cast<float>(*p) * decay));
+}
+extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, const float* scale, const float* scalars,
+                       int64_t rows, int64_t cols) {
+  const float decay = scalars[0], c1 = scalars[1], beta2 = scalars[2], c2 = scalars[3];
+  const int64_t vec_cols = cols - cols % W;
+  const Vec decay_v(decay), c1_v(c1), beta2_v(beta2), c2_v(c2);
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    in_t* pr = p + r * cols;
+    const in_t* gr = g + r * cols;
+    state_t* mr = m + r * cols;
+    state_t* vr = FULL ? v + r * cols : nullptr;
+    for (int64_t j = 0; j < vec_cols; j += W) {
+      Vec grad = load_vec(gr + j);
+      if (MAXIMIZE) grad = grad.neg();
+      const Vec old_m = load_vec(mr + j);
+      const Vec computed_m = at::vec::fmadd(grad - old_m, c1_v, old_m);
+      store_vec(mr + j, computed_m);
+      const Vec new_m = std::is_same_v<state_t, float> ? computed_m : load_vec(mr + j);  // as stored
+      if (FULL) store_vec(vr + j, at::vec::fmadd(grad * grad, c2_v, load_vec(vr + j) * beta2_v));
+      store_vec(pr + j, at::vec::fmadd(new_m, Vec::loadu(scale + j), load_vec(pr + j) * decay_v));
+    }
+    for (int64_t j = vec_cols; j < cols; ++j) update_one(pr + j, gr + j, mr + j, FULL ? vr + j : nullptr, scale[j],
+                                                         decay, c1, beta2, c2);
+  }
+}
+"""
+
+_lock = threading.Lock()
+_loaded: dict[tuple, Callable[..., Any]] = {}
+_unavailable: list[str] = []  # why the kernels cannot be built in this process (empty: not known to fail)
+
+
+def _source(template: str, **types: str) -> str:
+    source = template
+    for name, value in types.items():
+        source = source.replace(name, value)
+    return source
+
+
+def _load(key: tuple, argtypes: list[str], source: str) -> Callable[..., Any] | None:
+    """The compiled kernel for ``key``, built on first use; None once a build has failed in this process."""
+    fn = _loaded.get(key)
+    if fn is not None or _unavailable:
+        return fn
+    with _lock:
+        fn = _loaded.get(key)
+        if fn is None and not _unavailable:
+            try:
+                from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+                fn = _loaded[key] = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
+            except Exception as error:  # noqa: BLE001 - no compiler, no inductor, a changed private API
+                _unavailable.append(repr(error))
+                logger.debug("coupled_adam_hf: C++ CPU kernels unavailable, using torch ops: %r", error)
+                return None
+    return fn
+
+
+def _usable(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in _C_TYPES and t.is_contiguous() for t in tensors)
+
+
+def available() -> bool:
+    """False once building a kernel has failed in this process."""
+    return not _unavailable
+
+
+def column_sum(x: Tensor, square: bool) -> Tensor | None:
+    """Per-column float32 sum over dim 0 of ``x`` (``square``: of ``x*x``), shape ``[1, *x.shape[1:]]``; None when
+    these kernels cannot take the input."""
+    if x.dim() < 1 or x.numel() == 0 or not _usable(x):
+        return None
+    c_type = _C_TYPES[x.dtype]
+    source = _source(_COLUMN_SUM, IN_T=c_type, SQUARE="true" if square else "false")
+    fn = _load(("column_sum", x.dtype, square), [f"const {c_type}*", "float*", "int64_t", "int64_t"], source)
+    if fn is None:
+        return None
+    rows = x.shape[0]
+    out = torch.empty((1, *x.shape[1:]), dtype=torch.float32)
+    fn(x, out, rows, x.numel() // rows)
+    return out
+
+
+def coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, scale: Tensor, *,
+                   decay: float, beta1: float, beta2: float, maximize: bool) -> bool:
+    """The element-wise part of a coupled step in one pass, in place; False (nothing done) when these kernels
+    cannot take the input. ``scale``: the per-column step ``-lr / bc1 / denom`` (``[1, *shape[1:]]``)."""
+    full = exp_avg_sq is not None
+    tensors = [param, grad, exp_avg] + ([exp_avg_sq] if full else [])
+    if param.dim() < 1 or param.numel() == 0 or not _usable(*tensors) or scale.device.type != "cpu":
+        return False
+    if grad.dtype != param.dtype or (full and exp_avg_sq.dtype != exp_avg.dtype):
+        return False
+    p_type, s_type = _C_TYPES[param.dtype], _C_TYPES[exp_avg.dtype]
+    source = _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type, FULL="true" if full else "false",
+                     MAXIMIZE="true" if maximize else "false")
+    key = ("coupled_update", param.dtype, exp_avg.dtype, full, maximize)
+    argtypes = [f"{p_type}*", f"const {p_type}*", f"{s_type}*", f"{s_type}*", "const float*", "const float*",
+                "int64_t", "int64_t"]
+    fn = _load(key, argtypes, source)
+    if fn is None:
+        return False
+    rows = param.shape[0]
+    scale = scale.to(torch.float32).contiguous()
+    scalars = torch.tensor([decay, 1.0 - beta1, beta2, 1.0 - beta2], dtype=torch.float32)
+    fn(param, grad, exp_avg, exp_avg_sq if full else exp_avg, scale, scalars, rows, param.numel() // rows)
+    return True
