@@ -23,7 +23,8 @@ from . import _kernels
 
 __all__ = ["CoupledAdam", "coupled_adam"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_TORCH_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CPU = torch.device("cpu")
 _NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
 # Param-group keys that describe how state is laid out, not hyperparameters: load_state_dict keeps the values this
@@ -221,7 +222,7 @@ class CoupledAdam(Optimizer):
             self._implementation(group) == "fused"
             and not group["coupled"]
             and p.dtype == _state_dtype(p, group["state_dtype"])
-            and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            and p.dtype in _TORCH_FUSED_DTYPES
         )
 
     def _init_state(self, group: dict[str, Any], p: Tensor, torch_fused: bool) -> dict[str, Any]:
@@ -229,7 +230,7 @@ class CoupledAdam(Optimizer):
         state = self.state[p]
         dtype = _state_dtype(p, group["state_dtype"])
         column_dtype = _column_state_dtype(p, group["state_dtype"])
-        step_device = p.device if torch_fused else torch.device("cpu")
+        step_device = p.device if torch_fused else _CPU
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -325,45 +326,63 @@ class CoupledAdam(Optimizer):
         return loss
 
     def _collect(self, group: dict[str, Any], index: int) -> dict[str, Any]:
-        batch: dict[str, Any] = {k: [] for k in (
-            "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "torch_fused", "column_means"
-        )}
+        """The tensors of one group that step now, with their state (created on first use) and kernel route.
+
+        Runs for every param on every step, so it is kept lean: one pass, no per-param helper calls on the
+        common path (a plain tensor with a gradient and existing state).
+        """
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, torch_fused, column_means = (
+            [] for _ in range(8))
+        coupled, amsgrad, state_dtype = group["coupled"], group["amsgrad"], group["state_dtype"]
+        fused_kernel = not coupled and self._implementation(group) == "fused"
+        all_state = self.state
         for p in group["params"]:
             grad = p.grad
+            dtensor = _is_dtensor(p)
             if grad is None:
                 # (a frozen tensor is frozen on every rank: no collective needed to agree on skipping it)
-                if not p.requires_grad or not hasattr(self._column_reducer(group, p), "any_rank_has_grad"):
+                if not dtensor or not p.requires_grad or not hasattr(self._column_reducer(group, p),
+                                                                     "any_rank_has_grad"):
                     continue
                 # rows split over ranks: this rank still joins the column all-reduce, with zero rows
                 # (dropped again after it if no rank had a gradient; see _drop_stand_ins_nobody_needs)
                 grad = torch.zeros_like(p)
-            elif _is_dtensor(p):
+            elif dtensor:
                 from .distributed import grad_with_param_layout
 
                 grad = grad_with_param_layout(p, grad)
-            if group["coupled"] and p.dim() < 2:
-                raise ValueError(
-                    f"CoupledAdam: coupled {_param_label(group, p, index)} is {p.dim()}-D at step time: something "
-                    "flattened it after the optimizer was built (DeepSpeed ZeRO, FSDP1 and XLA FSDP do). The rows "
-                    "the coupled mean runs over are lost; use DDP or FSDP2 (fsdp_version: 2) instead."
-                )
             if grad.is_sparse:
                 raise ValueError(
                     f"CoupledAdam does not support sparse gradients ({_param_label(group, p, index)}); "
                     "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
                 )
-            torch_fused = self._uses_torch_fused(group, p)
-            state = self._init_state(group, p, torch_fused)
-            batch["params"].append(p)
-            batch["grads"].append(grad)
-            batch["exp_avgs"].append(state["exp_avg"])
-            batch["exp_avg_sqs"].append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                batch["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
-            batch["steps"].append(state["step"])
-            batch["torch_fused"].append(torch_fused)
-            batch["column_means"].append(self._column_reducer(group, p))
-        return batch
+            if coupled and p.dim() < 2:
+                raise ValueError(
+                    f"CoupledAdam: coupled {_param_label(group, p, index)} is {p.dim()}-D at step time: something "
+                    "flattened it after the optimizer was built (DeepSpeed ZeRO, FSDP1 and XLA FSDP do). The rows "
+                    "the coupled mean runs over are lost; use DDP or FSDP2 (fsdp_version: 2) instead."
+                )
+            # uncoupled params whose state has their own dtype go through torch's fused AdamW kernel
+            route = fused_kernel and p.dtype in _TORCH_FUSED_DTYPES and (state_dtype is None or state_dtype == p.dtype)
+            state = all_state[p]
+            if not state:
+                state = self._init_state(group, p, route)
+            else:
+                step_device = p.device if route else _CPU
+                if state["step"].device != step_device:
+                    # the kernel choice changed since the state was made (or it was loaded): move the step counter
+                    state["step"] = state["step"].to(step_device)
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+            torch_fused.append(route)
+            column_means.append(self._column_reducer(group, p) if dtensor else None)
+        return dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                    max_exp_avg_sqs=max_exp_avg_sqs, steps=steps, torch_fused=torch_fused, column_means=column_means)
 
     def _column_reducer(self, group: dict[str, Any], p: Tensor) -> Callable[[Tensor], Tensor] | None:
         """Reducer of a coupled tensor whose rows are split over ranks, else None.
@@ -655,13 +674,19 @@ def coupled_adam(
     # Inside an outer torch.compile, torch's fused kernel is opaque (a graph break, and dynamo then runs the whole
     # step eagerly); the multi-tensor ops trace, and the compiler fuses them itself.
     use_torch_fused = implementation == "fused" and not torch.compiler.is_compiling()
-    fused_idx = [i for i in range(n) if torch_fused[i]] if use_torch_fused else []
-    other_idx = [i for i in range(n) if i not in set(fused_idx)]
+    if use_torch_fused and all(torch_fused):  # the common case, without index bookkeeping
+        fused_idx, other_idx = range(n), []
+    else:
+        fused_idx = [i for i in range(n) if torch_fused[i]] if use_torch_fused else []
+        taken = set(fused_idx)
+        other_idx = [i for i in range(n) if i not in taken]
     if fused_idx:
-        pick = lambda xs: [xs[i] for i in fused_idx]  # noqa: E731
+        any_dtensor = any(_is_dtensor(p) for p in params)
+        pick = (lambda xs: [_local(xs[i]) for i in fused_idx]) if any_dtensor else (  # noqa: E731
+            lambda xs: [xs[i] for i in fused_idx])
         _torch_adamw(
-            *([_local(t) for t in pick(xs)] for xs in (params, grads, exp_avgs, exp_avg_sqs)),
-            [_local(t) for t in pick(max_exp_avg_sqs)] if amsgrad else [], pick(state_steps), fused=True, **hyper,
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
+            [state_steps[i] for i in fused_idx], fused=True, **hyper,
         )
     if other_idx:
         pick = lambda xs: [xs[i] for i in other_idx]  # noqa: E731
