@@ -65,7 +65,9 @@ extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
   const int64_t vec_cols = cols - cols % W;
   std::vector<float> partial(blocks * cols);
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel
+  {
+  #pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     float* acc = partial.data() + b * cols;
     const int64_t r0 = b * block_rows;
@@ -97,11 +99,13 @@ extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
       }
     }
   }
-  #pragma omp parallel for schedule(static)
+  // (the implicit barrier of the loop above: every block is done)
+  #pragma omp for schedule(static)
   for (int64_t j = 0; j < cols; ++j) {
     float s = 0;
     for (int64_t b = 0; b < blocks; ++b) s += partial[b * cols + j];
     out[j] = s;
+  }
   }
 }
 """
@@ -160,8 +164,9 @@ def _source(template: str, **types: str) -> str:
     return source
 
 
-def _load(key: tuple, argtypes: list[str], source: str) -> Callable[..., Any] | None:
-    """The compiled kernel for ``key``, built on first use; None once a build has failed in this process."""
+def _load(key: tuple, argtypes: Callable[[], list[str]], source: Callable[[], str]) -> Callable[..., Any] | None:
+    """The compiled kernel for ``key``, built on first use from ``argtypes()`` and ``source()``; None once a build
+    has failed in this process."""
     fn = _loaded.get(key)
     if fn is not None or _unavailable:
         return fn
@@ -171,7 +176,7 @@ def _load(key: tuple, argtypes: list[str], source: str) -> Callable[..., Any] | 
             try:
                 from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-                fn = _loaded[key] = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
+                fn = _loaded[key] = CppPythonBindingsCodeCache.load_pybinding(argtypes(), source())
             except Exception as error:  # noqa: BLE001 - no compiler, no inductor, a changed private API
                 _unavailable.append(repr(error))
                 logger.debug("coupled_adam_hf: C++ CPU kernels unavailable, using torch ops: %r", error)
@@ -194,8 +199,8 @@ def column_sum(x: Tensor, square: bool) -> Tensor | None:
     if x.dim() < 1 or x.numel() == 0 or not _usable(x):
         return None
     c_type = _C_TYPES[x.dtype]
-    source = _source(_COLUMN_SUM, IN_T=c_type, SQUARE="true" if square else "false")
-    fn = _load(("column_sum", x.dtype, square), [f"const {c_type}*", "float*", "int64_t", "int64_t"], source)
+    fn = _load(("column_sum", x.dtype, square), lambda: [f"const {c_type}*", "float*", "int64_t", "int64_t"],
+               lambda: _source(_COLUMN_SUM, IN_T=c_type, SQUARE="true" if square else "false"))
     if fn is None:
         return None
     rows = x.shape[0]
@@ -215,12 +220,13 @@ def coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     if grad.dtype != param.dtype or (full and exp_avg_sq.dtype != exp_avg.dtype):
         return False
     p_type, s_type = _C_TYPES[param.dtype], _C_TYPES[exp_avg.dtype]
-    source = _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type, FULL="true" if full else "false",
-                     MAXIMIZE="true" if maximize else "false")
-    key = ("coupled_update", param.dtype, exp_avg.dtype, full, maximize)
-    argtypes = [f"{p_type}*", f"const {p_type}*", f"{s_type}*", f"{s_type}*", "const float*", "const float*",
-                "int64_t", "int64_t"]
-    fn = _load(key, argtypes, source)
+    fn = _load(
+        ("coupled_update", param.dtype, exp_avg.dtype, full, maximize),
+        lambda: [f"{p_type}*", f"const {p_type}*", f"{s_type}*", f"{s_type}*", "const float*", "const float*",
+                 "int64_t", "int64_t"],
+        lambda: _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type, FULL="true" if full else "false",
+                        MAXIMIZE="true" if maximize else "false"),
+    )
     if fn is None:
         return False
     rows = param.shape[0]

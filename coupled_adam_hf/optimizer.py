@@ -435,19 +435,20 @@ class CoupledAdam(Optimizer):
         return col_sum.div_(g.shape[0])
 
     def _coupled_grads_finite(self, batches: list[dict[str, Any]]) -> bool:
+        """Whether every coupled gradient is finite: its column sums of g*g are inf/NaN exactly when some entry is
+        (or when they overflow, which would wreck the second moment as surely). One host sync on one scalar."""
         stats = [s.sum() for b in batches for s in b.get("grad_sq_means") or ()]
         sharded = [p for g in self.param_groups if g["coupled"] for p in g["params"] if _is_dtensor(p)]
         if not stats and not sharded:
             return True
-        finite = torch.isfinite(torch.stack([s.to(stats[0].device) for s in stats])).all() if stats else (
-            torch.tensor(True))
+        total = stats[0] if len(stats) == 1 else (
+            torch.stack([s.to(stats[0].device) for s in stats]).sum() if stats else torch.tensor(0.0))
         if sharded:
             # ranks holding different columns of a coupled tensor must all skip, or none
             from .distributed import all_ranks_finite
 
-            finite = all_ranks_finite(finite, sharded)
-        # one host sync per step, on a handful of scalars
-        return bool(finite)
+            return bool(all_ranks_finite(torch.isfinite(total), sharded))
+        return math.isfinite(total.item())
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
