@@ -37,33 +37,52 @@ _C_TYPES = {
 
 _PRELUDE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#include <ATen/cpu/vec/functional.h>
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 typedef IN_T in_t;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t W = Vec::size();
-// float vectors to and from any of float / bfloat16 / half memory (W elements; bf16 and half convert exactly)
-template <typename T> inline Vec load_vec(const T* ptr) {
-  if constexpr (std::is_same_v<T, float>) return Vec::loadu(ptr);
-  else return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(ptr, W));
+// Loops step over 2W elements: two float vectors, which is one full vector of bfloat16/half, so half-precision
+// memory is read and written with full-width loads and stores and converted in registers (a W-element load of
+// half-precision data is a masked or partial load, and storing a rounded value then loading it back stalls on
+// store forwarding: both made the bf16 kernels slower than the float32 ones).
+constexpr int64_t W2 = 2 * W;
+template <typename T> inline void load2(const T* ptr, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = Vec::loadu(ptr);
+    b = Vec::loadu(ptr + W);
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == W2, "a half-precision vector must hold two float vectors");
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(ptr));
+  }
 }
-template <typename T> inline void store_vec(T* ptr, const Vec& x) {
-  if constexpr (std::is_same_v<T, float>) x.store(ptr);
-  else at::vec::convert<T>(x).store(ptr, W);
+// stores a, b as T; afterwards a, b hold the values as stored (rounded to T)
+template <typename T> inline void store2(T* ptr, Vec& a, Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(ptr);
+    b.store(ptr + W);
+  } else {
+    const auto stored = at::vec::convert_from_float<T>(a, b);
+    stored.store(ptr);
+    std::tie(a, b) = at::vec::convert_to_float<T>(stored);
+  }
 }
 """
 
 # Per-column sum over rows of x (SQUARE: of x*x), in float. Rows are cut into blocks whose size depends on the shape
 # only; each block sums its rows in order, eight at a time in registers, and the blocks are added in order.
 _COLUMN_SUM = _PRELUDE + r"""
+inline void accumulate(Vec& s, const Vec& value) { s = SQUARE ? at::vec::fmadd(value, value, s) : s + value; }
 extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
   const int64_t block_rows = std::max<int64_t>(64, (rows + 255) / 256);
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  const int64_t vec_cols = cols - cols % W;
+  const int64_t vec_cols = cols - cols % W2;
   std::vector<float> partial(blocks * cols);
   #pragma omp parallel
   {
@@ -76,13 +95,16 @@ extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
     int64_t r = r0;
     for (; r + 8 <= r1; r += 8) {
       const in_t* row = x + r * cols;
-      for (int64_t j = 0; j < vec_cols; j += W) {
-        Vec s = Vec::loadu(acc + j);
+      for (int64_t j = 0; j < vec_cols; j += W2) {
+        Vec s0 = Vec::loadu(acc + j), s1 = Vec::loadu(acc + j + W);
         for (int64_t u = 0; u < 8; ++u) {
-          const Vec value = load_vec(row + u * cols + j);
-          s = SQUARE ? at::vec::fmadd(value, value, s) : s + value;
+          Vec v0, v1;
+          load2(row + u * cols + j, v0, v1);
+          accumulate(s0, v0);
+          accumulate(s1, v1);
         }
-        s.store(acc + j);
+        s0.store(acc + j);
+        s1.store(acc + j + W);
       }
       for (int64_t j = vec_cols; j < cols; ++j) {
         for (int64_t u = 0; u < 8; ++u) {
@@ -125,10 +147,17 @@ inline void update_one(in_t* p, const in_t* g, state_t* m, state_t* v, float sca
   if (FULL) *v = static_cast<state_t>(std::fma(grad * grad, c2, static_cast<float>(*v) * beta2));
   *p = static_cast<in_t>(std::fma(static_cast<float>(new_m), scale, static_cast<float>(*p) * decay));
 }
+inline Vec new_moment(const Vec& grad, const Vec& old_m, const Vec& c1) { return at::vec::fmadd(grad - old_m, c1, old_m); }
+inline Vec new_second_moment(const Vec& grad, const Vec& old_v, const Vec& beta2, const Vec& c2) {
+  return at::vec::fmadd(grad * grad, c2, old_v * beta2);
+}
+inline Vec new_param(const Vec& m, const Vec& scale, const Vec& old_p, const Vec& decay) {
+  return at::vec::fmadd(m, scale, old_p * decay);
+}
 extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, const float* scale, const float* scalars,
                        int64_t rows, int64_t cols) {
   const float decay = scalars[0], c1 = scalars[1], beta2 = scalars[2], c2 = scalars[3];
-  const int64_t vec_cols = cols - cols % W;
+  const int64_t vec_cols = cols - cols % W2;
   const Vec decay_v(decay), c1_v(c1), beta2_v(beta2), c2_v(c2);
   #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -136,15 +165,28 @@ extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, const flo
     const in_t* gr = g + r * cols;
     state_t* mr = m + r * cols;
     state_t* vr = FULL ? v + r * cols : nullptr;
-    for (int64_t j = 0; j < vec_cols; j += W) {
-      Vec grad = load_vec(gr + j);
-      if (MAXIMIZE) grad = grad.neg();
-      const Vec old_m = load_vec(mr + j);
-      const Vec computed_m = at::vec::fmadd(grad - old_m, c1_v, old_m);
-      store_vec(mr + j, computed_m);
-      const Vec new_m = std::is_same_v<state_t, float> ? computed_m : load_vec(mr + j);  // as stored
-      if (FULL) store_vec(vr + j, at::vec::fmadd(grad * grad, c2_v, load_vec(vr + j) * beta2_v));
-      store_vec(pr + j, at::vec::fmadd(new_m, Vec::loadu(scale + j), load_vec(pr + j) * decay_v));
+    for (int64_t j = 0; j < vec_cols; j += W2) {
+      Vec g0, g1, m0, m1, p0, p1;
+      load2(gr + j, g0, g1);
+      if (MAXIMIZE) {
+        g0 = g0.neg();
+        g1 = g1.neg();
+      }
+      load2(mr + j, m0, m1);
+      m0 = new_moment(g0, m0, c1_v);
+      m1 = new_moment(g1, m1, c1_v);
+      store2(mr + j, m0, m1);  // m0, m1 are now as stored
+      if (FULL) {
+        Vec v0, v1;
+        load2(vr + j, v0, v1);
+        v0 = new_second_moment(g0, v0, beta2_v, c2_v);
+        v1 = new_second_moment(g1, v1, beta2_v, c2_v);
+        store2(vr + j, v0, v1);
+      }
+      load2(pr + j, p0, p1);
+      p0 = new_param(m0, Vec::loadu(scale + j), p0, decay_v);
+      p1 = new_param(m1, Vec::loadu(scale + j + W), p1, decay_v);
+      store2(pr + j, p0, p1);
     }
     for (int64_t j = vec_cols; j < cols; ++j) update_one(pr + j, gr + j, mr + j, FULL ? vr + j : nullptr, scale[j],
                                                          decay, c1, beta2, c2);

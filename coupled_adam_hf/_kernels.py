@@ -120,7 +120,8 @@ def _run_compiled(name: str, eager: Callable[..., Any], *args: Any) -> Any:
             if fn is None:
                 code = eager.__code__.replace(co_name=f"{eager.__name__}_{len(_compiled)}")
                 clone = types.FunctionType(code, eager.__globals__, code.co_name, eager.__defaults__)
-                fn = _compiled[key] = torch.compile(clone, fullgraph=True, dynamic=False)
+                fn = _compiled[key] = torch.compile(clone, fullgraph=True, dynamic=False,
+                                                   options={"emulate_precision_casts": True})
             return fn(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager kernel
             _broken.add(name)
@@ -196,21 +197,28 @@ def _coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
 
     ``scalars`` holds ``[decay, 1 - beta1, neg_step_size, beta2, 1 - beta2]`` as a tensor: values that change
     from step to step must be tensors, or the compiler specializes on them and recompiles every step.
-    The reference kernel's sequence of ops, computed in the state dtype and rounded once into a half-precision
-    ``param``. Run eagerly it is several passes over memory; compiled, inductor fuses it into one pass that reads
-    p, g, m (and v) and writes p, m (and v).
+    Computed in ``scalars.dtype`` (at least float32), each tensor rounded once when stored, and ``p`` updated
+    from ``m`` as stored, like the C++ kernel: the rounding is explicit, because inductor fuses half-precision ops
+    without rounding between them, which eager ops would do. Run eagerly it is several passes over memory;
+    compiled, inductor fuses it into one pass that reads p, g, m (and v) and writes p, m (and v).
     """
     decay, one_minus_beta1, neg_step_size, beta2, one_minus_beta2 = scalars.unbind()
-    g = grad.to(exp_avg.dtype)
+    compute = scalars.dtype
+    g = grad.to(compute)
     if maximize:
         g = -g
-    exp_avg.add_((g - exp_avg) * one_minus_beta1)  # lerp's formula (for weights < 0.5) without its branch
+    m = exp_avg.to(compute)
+    m = m + (g - m) * one_minus_beta1  # lerp's formula (for weights < 0.5) without its branch
+    exp_avg.copy_(m)
+    m = _as_stored(m, exp_avg.dtype)
     if exp_avg_sq is not None:
-        exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
-    p = param.to(exp_avg.dtype)
-    p.mul_(decay).add_(exp_avg / denom * neg_step_size)
-    if p is not param:
-        param.copy_(p)
+        exp_avg_sq.copy_(exp_avg_sq.to(compute) * beta2 + g * g * one_minus_beta2)
+    param.copy_(param.to(compute) * decay + m / denom * neg_step_size)
+
+
+def _as_stored(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded to ``dtype`` and back: the value a tensor of that dtype holds after ``copy_(x)``."""
+    return x if dtype == x.dtype else x.to(dtype).to(x.dtype)
 
 
 def coupled_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denom: Tensor, *, decay: float,

@@ -81,12 +81,20 @@ def gradients(shape, steps, seed=0, scale=1.0):
 
 
 # ------------------------------------------------------------------------------------------- column sums
+# VECTOR_BODY_AND_TAIL columns: the C++ loops step over 2 float vectors (32 columns with AVX-512, 16 with AVX2), then
+# finish a row element by element; 77 columns run both parts on every vector ISA, fewer than 16 only the tail.
+VECTOR_BODY_AND_TAIL = 77
+
+
 @pytest.mark.parametrize("shape, dtype", [
     ((1000, 24), torch.float32),
+    ((1000, VECTOR_BODY_AND_TAIL), torch.float32),
     ((70000, 3), torch.float32),    # several blocks of rows, the last one partial
     ((130, 3, 4), torch.bfloat16),  # >2-D coupled tensors reduce over dim 0 only; bf16 accumulates in fp32
+    ((130, VECTOR_BODY_AND_TAIL), torch.bfloat16),
+    ((130, VECTOR_BODY_AND_TAIL), torch.float16),
     ((0, 8), torch.float32),        # an empty shard
-], ids=["1000x24", "70000x3-blocks", "130x3x4-bf16", "empty"])
+], ids=["1000x24", "1000x77", "70000x3-blocks", "130x3x4-bf16", "130x77-bf16", "130x77-fp16", "empty"])
 @pytest.mark.parametrize("kernel", ["cpp", "torch"])
 def test_column_sums_equal_float64_sums_over_rows(shape, dtype, kernel, monkeypatch):
     monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always" if kernel == "cpp" else "never")
@@ -244,11 +252,13 @@ CASES = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cols", [12, VECTOR_BODY_AND_TAIL])
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "full"])
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_compiled_fused_path_matches_reference_path_every_step_and_fp64_at_the_end(case, compact, always_compile):
+def test_compiled_fused_path_matches_reference_path_every_step_and_fp64_at_the_end(case, compact, cols,
+                                                                                  always_compile):
     hyper = CASES[case]
-    weight, grads = torch.randn(150, 12), gradients((150, 12), 12, scale=0.5)
+    weight, grads = gradients((150, cols), 1, seed=7)[0], gradients((150, cols), 12, scale=0.5)
     lrs = [hyper["lr"] * (1 - i / 24) for i in range(12)]  # a schedule: the lr changes every step
     _, fast_p, fast = run_coupled(weight, grads, lrs=lrs, compact=compact, fused=True, **hyper)
     _, ref_p, ref = run_coupled(weight, grads, lrs=lrs, compact=compact, **REFERENCE, **hyper)
@@ -280,22 +290,27 @@ def fp64_coupled_adam(weight, grads, lrs, *, betas, eps, weight_decay, avg_scale
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state_dtype", [None, torch.float32], ids=["bf16-state", "fp32-state"])
-def test_compiled_path_with_bf16_params_rounds_once_per_stored_tensor(state_dtype, always_compile):
-    """bf16 params: the one-pass kernels compute in float32 and round p (and bf16 m) once per step. Against the
-    same math in float64 with those same rounding points, they may differ only where a float32 intermediate tips a
-    bf16 rounding the other way (and the runs then go on from values one ulp apart): a few elements, by an ulp or
-    two. A mistake in the math (a scalar rounded to bf16, a lost weight decay) moves most elements."""
-    weight, grads = torch.randn(150, 12).bfloat16(), gradients((150, 12), 8, scale=0.5)
+@pytest.mark.parametrize("cols", [12, VECTOR_BODY_AND_TAIL])
+@pytest.mark.parametrize("param_dtype, state_dtype", [
+    (torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.float16, None), (torch.float16, torch.float32),
+], ids=["bf16-state", "bf16-fp32-state", "fp16-state", "fp16-fp32-state"])
+def test_compiled_path_with_half_precision_params_rounds_once_per_stored_tensor(param_dtype, state_dtype, cols,
+                                                                               always_compile):
+    """bf16/fp16 params: the one-pass kernels compute in float32 and round p (and half-precision m) once per step.
+    Against the same math in float64 with those same rounding points, they may differ only where a float32
+    intermediate tips a rounding the other way (and the runs then go on from values one ulp apart): a few elements,
+    by an ulp or two. A mistake in the math (a scalar rounded to bf16, a lost weight decay, m read back other than
+    as stored) moves most elements."""
+    weight, grads = gradients((150, cols), 1, seed=7)[0].to(param_dtype), gradients((150, cols), 8, scale=0.5)
     hyper = dict(lr=1e-2, weight_decay=0.1, state_dtype=state_dtype)
     fast_opt, fast_p, fast = run_coupled(weight, grads, fused=True, **hyper)
-    assert fast_p.dtype == torch.bfloat16
-    assert fast_opt.state[fast_p]["exp_avg"].dtype == (state_dtype or torch.bfloat16)
-    want = rounded_coupled_adam(weight, grads, lr=1e-2, weight_decay=0.1, state_dtype=state_dtype or torch.bfloat16)
+    assert fast_p.dtype == param_dtype
+    assert fast_opt.state[fast_p]["exp_avg"].dtype == (state_dtype or param_dtype)
+    want = rounded_coupled_adam(weight, grads, lr=1e-2, weight_decay=0.1, state_dtype=state_dtype or param_dtype)
     for (p_fast, m_fast, _), (p_want, m_want) in zip(fast, want):
         for got, expected in ((p_fast, p_want), (m_fast, m_want)):
-            if expected.dtype == torch.bfloat16:
-                ulps = bf16_ulps(got, expected)
+            if expected.dtype != torch.float32:
+                ulps = half_precision_ulps(got, expected)
                 assert ulps.max() <= 2 and (ulps > 0).float().mean() < 0.05
             else:
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
@@ -318,12 +333,14 @@ def rounded_coupled_adam(weight, grads, *, lr, weight_decay, state_dtype, betas=
     return history
 
 
-def bf16_ulps(a, b):
-    """|a - b| in units in the last place of bf16 at the larger magnitude (at least 1/8: near zero, where the ulp
-    shrinks, a value that crossed zero one ulp apart would count as hundreds)."""
+def half_precision_ulps(a, b):
+    """|a - b| in units in the last place of ``a``'s dtype (bf16 or fp16) at the larger magnitude (at least 1/8:
+    near zero, where the ulp shrinks, a value that crossed zero one ulp apart would count as hundreds)."""
+    assert a.dtype == b.dtype
+    eps = torch.finfo(a.dtype).eps  # 2**-7 for bf16, 2**-10 for fp16
     a, b = a.float(), b.float()
     magnitude = torch.maximum(a.abs(), b.abs()).clamp_min(0.125)
-    ulp = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)
+    ulp = eps * torch.exp2(torch.floor(torch.log2(magnitude)))
     return (a - b).abs() / ulp
 
 
