@@ -4,7 +4,9 @@ Two loops carry a coupled step on CPU, and neither is a good fit for generated c
 
 - the per-column sum of ``g*g`` over rows (an *outer* reduction: inductor's C++ backend, torch's
   ``vector_norm(g, dim=0)`` and a blocked ``addcmul_`` loop all run well below the speed of reading ``g``);
-- the one-pass update ``m <- m + (1-b1)(g-m)``, ``p <- p*decay + m*scale`` over ``[V, H]``.
+- the one-pass update ``m <- m + (1-b1)(g-m)``, ``p <- p*decay + m*step`` over ``[V, H]``, preceded inside the
+  same call by the ``[H]`` column arithmetic (second-moment EMA, AMSGrad maximum, the step per column): as torch
+  ops that is half a dozen tiny kernels, whose dispatch cost a small model's step more than the row pass saves.
 
 Here each is a plain OpenMP loop over rows with a vectorizable inner loop over columns. Column sums accumulate
 eight rows at a time in registers into fixed blocks of rows, and the blocks are combined in order: the result does
@@ -75,20 +77,25 @@ template <typename T> inline void store2(T* ptr, Vec& a, Vec& b) {
 }
 """
 
-# Per-column sum over rows of x (SQUARE: of x*x), in float. Rows are cut into blocks whose size depends on the shape
+# Per-column sum over rows of x (SQUARE: of x*x), in float, divided by `divisor` (1: the sum; rows: the mean). Rows are cut into blocks whose size depends on the shape
 # only; each block sums its rows in order, eight at a time in registers, and the blocks are added in order.
 _COLUMN_SUM = _PRELUDE + r"""
 inline void accumulate(Vec& s, const Vec& value) { s = SQUARE ? at::vec::fmadd(value, value, s) : s + value; }
-extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
+extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols, float divisor) {
   const int64_t block_rows = std::max<int64_t>(64, (rows + 255) / 256);
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
   const int64_t vec_cols = cols - cols % W2;
-  std::vector<float> partial(blocks * cols);
+  // one buffer per calling thread, kept between calls: a fresh one of this size is an mmap, page faults and an
+  // munmap on every call (every block zeroes its own part)
+  // (thread_local: taken by pointer before the parallel region, whose worker threads would see their own)
+  static thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(blocks * cols)) buffer.resize(blocks * cols);
+  float* const partial = buffer.data();
   #pragma omp parallel
   {
   #pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    float* acc = partial.data() + b * cols;
+    float* acc = partial + b * cols;
     const int64_t r0 = b * block_rows;
     const int64_t r1 = std::min(rows, r0 + block_rows);
     std::fill(acc, acc + cols, 0.0f);
@@ -126,15 +133,18 @@ extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols) {
   for (int64_t j = 0; j < cols; ++j) {
     float s = 0;
     for (int64_t b = 0; b < blocks; ++b) s += partial[b * cols + j];
-    out[j] = s;
+    out[j] = s / divisor;
   }
   }
 }
 """
 
-# One pass of a coupled step over [rows, cols], computed in float, each tensor rounded once when stored:
-# m <- m + (1-b1)(g - m); with FULL also v <- b2 v + (1-b2) g^2; then p <- p * decay + m * scale[col], with m as
-# stored (rounded to the state dtype), as the reference path reads it. scalars = [decay, 1 - b1, b2, 1 - b2].
+# A coupled step in place, computed in float, each tensor rounded once when stored.
+# Column phase (serial, `cols` values): vbar <- b2 vbar + (1-b2) mean(g^2) in `v_col` (the compact state, or the
+# column mean of the old per-element v, which becomes that of the new one by linearity); with AMSGRAD
+# v_max <- max(v_max, vbar) and vbar <- v_max; then the step per column, neg_step / (sqrt(vbar * v_scale) + eps).
+# Row pass (parallel, one pass over memory): m <- m + (1-b1)(g - m); with FULL also v <- b2 v + (1-b2) g^2; then
+# p <- p * decay + m * step[col], with m as stored (rounded to the state dtype), as the reference path reads it.
 _COUPLED_UPDATE = _PRELUDE + r"""
 typedef STATE_T state_t;
 inline void update_one(in_t* p, const in_t* g, state_t* m, state_t* v, float scale, float decay, float c1,
@@ -154,9 +164,21 @@ inline Vec new_second_moment(const Vec& grad, const Vec& old_v, const Vec& beta2
 inline Vec new_param(const Vec& m, const Vec& scale, const Vec& old_p, const Vec& decay) {
   return at::vec::fmadd(m, scale, old_p * decay);
 }
-extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, const float* scale, const float* scalars,
-                       int64_t rows, int64_t cols) {
-  const float decay = scalars[0], c1 = scalars[1], beta2 = scalars[2], c2 = scalars[3];
+// torch.maximum: NaN wins
+inline float nan_max(float a, float b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b)); }
+extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, float* v_col, const float* grad_sq_mean,
+                       float* v_max, int64_t rows, int64_t cols, float decay, float c1, float beta2, float c2,
+                       float v_scale, float eps, float neg_step) {
+  // (thread_local, kept between calls; taken by pointer before the parallel region)
+  static thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(cols)) buffer.resize(cols);
+  float* const scale = buffer.data();
+  for (int64_t j = 0; j < cols; ++j) {
+    float vbar = std::fma(grad_sq_mean[j], c2, v_col[j] * beta2);
+    v_col[j] = vbar;
+    if (AMSGRAD) vbar = v_max[j] = nan_max(v_max[j], vbar);
+    scale[j] = neg_step / (std::sqrt(vbar * v_scale) + eps);
+  }
   const int64_t vec_cols = cols - cols % W2;
   const Vec decay_v(decay), c1_v(c1), beta2_v(beta2), c2_v(c2);
   #pragma omp parallel for schedule(static)
@@ -235,44 +257,57 @@ def available() -> bool:
     return not _unavailable
 
 
-def column_sum(x: Tensor, square: bool) -> Tensor | None:
-    """Per-column float32 sum over dim 0 of ``x`` (``square``: of ``x*x``), shape ``[1, *x.shape[1:]]``; None when
-    these kernels cannot take the input."""
+def column_sum(x: Tensor, square: bool, divisor: float = 1.0) -> Tensor | None:
+    """Per-column float32 sum over dim 0 of ``x`` (``square``: of ``x*x``), divided by ``divisor``, shape
+    ``[1, *x.shape[1:]]``; None when these kernels cannot take the input."""
     if x.dim() < 1 or x.numel() == 0 or not _usable(x):
         return None
     c_type = _C_TYPES[x.dtype]
-    fn = _load(("column_sum", x.dtype, square), lambda: [f"const {c_type}*", "float*", "int64_t", "int64_t"],
+    fn = _load(("column_sum", x.dtype, square),
+               lambda: [f"const {c_type}*", "float*", "int64_t", "int64_t", "float"],
                lambda: _source(_COLUMN_SUM, IN_T=c_type, SQUARE="true" if square else "false"))
     if fn is None:
         return None
     rows = x.shape[0]
     out = torch.empty((1, *x.shape[1:]), dtype=torch.float32)
-    fn(x, out, rows, x.numel() // rows)
+    fn(x, out, rows, x.numel() // rows, float(divisor))
     return out
 
 
-def coupled_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, scale: Tensor, *,
-                   decay: float, beta1: float, beta2: float, maximize: bool) -> bool:
-    """The element-wise part of a coupled step in one pass, in place; False (nothing done) when these kernels
-    cannot take the input. ``scale``: the per-column step ``-lr / bc1 / denom`` (``[1, *shape[1:]]``)."""
-    full = exp_avg_sq is not None
+def coupled_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, column_v: Tensor,
+                 grad_sq_mean: Tensor, max_column_v: Tensor | None, *, decay: float, beta1: float, beta2: float,
+                 v_scale: float, eps: float, neg_step_size: float, maximize: bool) -> bool:
+    """A coupled step in place: the column phase and one pass over the rows (see ``_COUPLED_UPDATE``); False
+    (nothing done) when these kernels cannot take the input.
+
+    ``column_v``: ``vbar`` (``[1, *shape[1:]]``, float32), updated in place with ``grad_sq_mean``: the compact
+    ``exp_avg_sq``, or in full mode (``exp_avg_sq`` given) the column mean of the old ``exp_avg_sq``.
+    ``max_column_v``: AMSGrad's running maximum of ``vbar``, or None. ``v_scale``: ``avg_scale / (1 - beta2^t)``.
+    """
+    full, amsgrad = exp_avg_sq is not None, max_column_v is not None
     tensors = [param, grad, exp_avg] + ([exp_avg_sq] if full else [])
-    if param.dim() < 1 or param.numel() == 0 or not _usable(*tensors) or scale.device.type != "cpu":
+    if param.dim() < 1 or param.numel() == 0 or not _usable(*tensors):
         return False
     if grad.dtype != param.dtype or (full and exp_avg_sq.dtype != exp_avg.dtype):
         return False
+    rows = param.shape[0]
+    cols = param.numel() // rows
+    columns = [column_v, grad_sq_mean] + ([max_column_v] if amsgrad else [])
+    if not all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() and c.numel() == cols
+               for c in columns):
+        return False
     p_type, s_type = _C_TYPES[param.dtype], _C_TYPES[exp_avg.dtype]
+    flags = dict(FULL=full, MAXIMIZE=maximize, AMSGRAD=amsgrad)
     fn = _load(
-        ("coupled_update", param.dtype, exp_avg.dtype, full, maximize),
-        lambda: [f"{p_type}*", f"const {p_type}*", f"{s_type}*", f"{s_type}*", "const float*", "const float*",
-                 "int64_t", "int64_t"],
-        lambda: _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type, FULL="true" if full else "false",
-                        MAXIMIZE="true" if maximize else "false"),
+        ("coupled_step", param.dtype, exp_avg.dtype, *flags.values()),
+        lambda: [f"{p_type}*", f"const {p_type}*", f"{s_type}*", f"{s_type}*", "float*", "const float*", "float*",
+                 "int64_t", "int64_t", "float", "float", "float", "float", "float", "float", "float"],
+        lambda: _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type,
+                        **{k: "true" if v else "false" for k, v in flags.items()}),
     )
     if fn is None:
         return False
-    rows = param.shape[0]
-    scale = scale.to(torch.float32).contiguous()
-    scalars = torch.tensor([decay, 1.0 - beta1, beta2, 1.0 - beta2], dtype=torch.float32)
-    fn(param, grad, exp_avg, exp_avg_sq if full else exp_avg, scale, scalars, rows, param.numel() // rows)
+    fn(param, grad, exp_avg, exp_avg_sq if full else exp_avg, column_v, grad_sq_mean,
+       max_column_v if amsgrad else column_v, rows, cols, decay, 1.0 - beta1, beta2, 1.0 - beta2, v_scale, eps,
+       neg_step_size)
     return True

@@ -130,14 +130,20 @@ def _run_compiled(name: str, eager: Callable[..., Any], *args: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- column sums
-def _column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
+def _column_sum(x: Tensor, dtype: torch.dtype, square: bool, divisor: float) -> Tensor:
     shape = (1, *x.shape[1:])
     if x.shape[0] == 0 or x.numel() == 0:
         return torch.zeros(shape, dtype=dtype, device=x.device)
     if dtype == torch.float32 and cpp_wanted(x):
-        total = _cpu_kernels.column_sum(x, square)
+        total = _cpu_kernels.column_sum(x, square, divisor)
         if total is not None:
             return total
+    total = _torch_column_sum(x, dtype, square)
+    return total if divisor == 1.0 else total.div_(divisor)
+
+
+def _torch_column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
+    shape = (1, *x.shape[1:])
     flat = x.reshape(x.shape[0], -1)
     rows, cols = flat.shape
     if x.device.type != "cpu":
@@ -168,17 +174,19 @@ def _column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
     return acc.sum(dim=0, keepdim=True).reshape(shape)
 
 
-def column_sq_sum(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-column sum of ``x * x`` over dim 0, shape ``[1, *x.shape[1:]]``, accumulated in ``dtype``.
+def column_sq_sum(x: Tensor, dtype: torch.dtype, divisor: float = 1.0) -> Tensor:
+    """Per-column sum of ``x * x`` over dim 0, divided by ``divisor`` (the row count gives the mean), shape
+    ``[1, *x.shape[1:]]``, accumulated in ``dtype``.
 
     One read of ``x`` at close to memory bandwidth; nothing of its size is allocated.
     """
-    return _column_sum(x, dtype, square=True)
+    return _column_sum(x, dtype, True, divisor)
 
 
-def column_sum(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-column sum of ``x`` over dim 0, shape ``[1, *x.shape[1:]]``, accumulated in ``dtype``."""
-    return _column_sum(x, dtype, square=False)
+def column_sum(x: Tensor, dtype: torch.dtype, divisor: float = 1.0) -> Tensor:
+    """Per-column sum of ``x`` over dim 0, divided by ``divisor``, shape ``[1, *x.shape[1:]]``, accumulated in
+    ``dtype``."""
+    return _column_sum(x, dtype, False, divisor)
 
 
 # ---------------------------------------------------------------------------------------------- the update
@@ -223,18 +231,14 @@ def _as_stored(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def coupled_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denom: Tensor, *, decay: float,
                     beta1: float, neg_step_size: float, maximize: bool, exp_avg_sq: Tensor | None = None,
-                    beta2: float = 0.0, compiled: bool = False, native: bool = False) -> None:
-    """The element-wise part of a coupled step, in place, in one pass over memory when ``native`` (the C++ CPU
-    kernel, where it can take the tensors) or ``compiled`` (torch.compile); else eager torch ops.
+                    beta2: float = 0.0, compiled: bool = False) -> None:
+    """The element-wise part of a coupled step, in place, in one pass over memory when ``compiled``
+    (torch.compile); else eager torch ops. (The C++ CPU kernel, ``_cpu_kernels.coupled_step``, also takes the
+    column arithmetic that computes ``denom``.)
 
     ``denom`` is the ``[1, H]`` denominator (``sqrt(vbar) / sqrt(1 - b2^t) + eps``), broadcast over rows;
     ``exp_avg_sq`` (full-state mode only) is updated with ``beta2`` in the same pass.
     """
-    if native:
-        scale = torch.div(neg_step_size, denom)  # [1, H]: the step per column
-        if _cpu_kernels.coupled_update(param, grad, exp_avg, exp_avg_sq, scale, decay=decay, beta1=beta1,
-                                       beta2=beta2, maximize=maximize):
-            return
     scalars = _scalars_like(exp_avg, [decay, 1.0 - beta1, neg_step_size, beta2, 1.0 - beta2])
     args = (param, grad, exp_avg, exp_avg_sq, denom, scalars, maximize)
     if compiled:

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _torch_adamw
 
-from . import _kernels
+from . import _cpu_kernels, _kernels
 
 __all__ = ["CoupledAdam", "coupled_adam"]
 
@@ -423,13 +423,15 @@ class CoupledAdam(Optimizer):
         path, the blocked column sums of ``_kernels`` (several times faster on CPU) for the others.
         """
         g = _local(grad)
+        reducer = self._column_reducers.get(p)
         if g.shape[0] == 0:
             col_sum = torch.zeros((1, *g.shape[1:]), dtype=dtype, device=g.device)
         elif implementation == "single_tensor":
             col_sum = torch.linalg.vector_norm(g, 2, dim=0, keepdim=True, dtype=dtype).square_()
+        elif reducer is None:
+            return _kernels.column_sq_sum(g, dtype, divisor=g.shape[0])  # the mean, divided inside the kernel
         else:
             col_sum = _kernels.column_sq_sum(g, dtype)
-        reducer = self._column_reducers.get(p)
         if reducer is not None:
             return reducer(col_sum)
         return col_sum.div_(g.shape[0])
@@ -835,15 +837,42 @@ def _multi_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
             torch.maximum(vmax, v_col, out=vmax)
             v_col = vmax
         denom = v_col.mul(avg_scale / (bc2_sqrt * bc2_sqrt)).sqrt_().add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bc1)
+        if m.dtype == denom.dtype:
+            p.addcdiv_(m, denom, value=-lr / bc1)
+        else:
+            _addcdiv_by_rows_(p, m, denom, -lr / bc1)
         _write_back(param, p)
+
+
+# Elements per block of rows in _addcdiv_by_rows_ (1 MiB of float32: the working buffers stay in cache).
+_ROW_BLOCK_ELEMENTS = 1 << 18
+
+
+def _addcdiv_by_rows_(p: Tensor, m: Tensor, denom: Tensor, value: float) -> None:
+    """``p.addcdiv_(m, denom, value=value)`` for half-precision ``p`` and ``m`` with a float32 ``[1, H]`` denom,
+    with the same numbers (computed in float32, rounded into ``p`` once).
+
+    torch runs the mixed-dtype op in a slow element-by-element loop (12x a same-dtype op on CPU); here blocks of
+    rows are converted into float32 buffers that stay in cache, updated there with same-dtype ops, and copied back.
+    Rounding ``denom`` to bf16/fp16 instead would be fast but not the same numbers, and eps underflows in fp16.
+    """
+    rows = p.shape[0]
+    block = max(1, min(rows, _ROW_BLOCK_ELEMENTS // max(1, p[0].numel())))
+    p_work = torch.empty((block, *p.shape[1:]), dtype=denom.dtype, device=p.device)
+    m_work = torch.empty_like(p_work)
+    for start in range(0, rows, block):
+        p_rows, m_rows = p[start:start + block], m[start:start + block]
+        n = p_rows.shape[0]
+        work = p_work[:n].copy_(p_rows)
+        work.addcdiv_(m_work[:n].copy_(m_rows), denom, value=value)
+        p_rows.copy_(work)
 
 
 # --- fused: compiled one-pass kernels for large coupled tensors ------------------------------------------------
 def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_sq_means,
                    column_means, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize):
-    """The multi-tensor math, with the [V, H] work done in one pass (see ``_kernels``): the C++ kernel on CPU,
-    a torch.compile'd one on GPUs (and on CPUs where the C++ kernels cannot be built).
+    """The multi-tensor math, with the [V, H] work done in one pass: the C++ kernel on CPU (which also does the
+    [1, H] column arithmetic), a torch.compile'd one on GPUs (and on CPUs where the C++ kernels cannot be built).
 
     Reads p, g, m and writes p, m once (plus v in full-state mode). Tensors that both ``_kernels.cpp_wanted`` and
     ``_kernels.compile_wanted`` decline (small ones, by default) take the eager multi-tensor ops.
@@ -858,28 +887,33 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                                   [max_exp_avg_sqs[i]] if amsgrad else [], [state_steps[i]], [grad_sq_means[i]],
                                   [column_means[i]], **hyper)
             continue
-        m, v, step = _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
+        g, m, v, step = _local(grads[i]), _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
         step += 1
         bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
+        decay, neg_step_size, v_scale = 1 - lr * weight_decay, -lr / bc1, avg_scale / (bc2_sqrt * bc2_sqrt)
 
         grad_sq_mean = _local(grad_sq_means[i])
         if compact:
-            v_col = v.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
+            v_col = v
         else:
             # v is updated inside the one pass below, so its new column mean comes from linearity:
             # mean(b2 v + (1 - b2) g^2) = b2 mean(v) + (1 - b2) mean(g^2), one read of the old v
-            v_sum = _kernels.column_sum(v, torch.promote_types(v.dtype, torch.float32))
             reducer = column_means[i]
-            v_mean = reducer(v_sum) if reducer is not None else v_sum.div_(v.shape[0])
-            v_col = v_mean.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
+            column_dtype = torch.promote_types(v.dtype, torch.float32)
+            v_col = (reducer(_kernels.column_sum(v, column_dtype)) if reducer is not None
+                     else _kernels.column_sum(v, column_dtype, divisor=v.shape[0]))
+        v_max = _local(max_exp_avg_sqs[i]) if amsgrad else None
+        if native and _cpu_kernels.coupled_step(
+                p, g, m, None if compact else v, v_col, grad_sq_mean, v_max, decay=decay, beta1=beta1, beta2=beta2,
+                v_scale=v_scale, eps=eps, neg_step_size=neg_step_size, maximize=maximize):
+            continue
+        v_col.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
         if amsgrad:
-            vmax = _local(max_exp_avg_sqs[i])
-            torch.maximum(vmax, v_col, out=vmax)
-            v_col = vmax
-        denom = v_col.mul(avg_scale / (bc2_sqrt * bc2_sqrt)).sqrt_().add_(eps)
-        _kernels.coupled_update_(
-            p, _local(grads[i]), m, denom, decay=1 - lr * weight_decay, beta1=beta1, neg_step_size=-lr / bc1,
-            maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=compiled, native=native)
+            torch.maximum(v_max, v_col, out=v_max)
+            v_col = v_max
+        denom = v_col.mul(v_scale).sqrt_().add_(eps)
+        _kernels.coupled_update_(p, g, m, denom, decay=decay, beta1=beta1, neg_step_size=neg_step_size,
+                                 maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=compiled)
 
 
 def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1, beta2,

@@ -46,13 +46,13 @@ def always_compile(request, monkeypatch):
     monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
     assert _cpu_kernels.available(), f"the C++ kernels failed to build: {_cpu_kernels._unavailable}"
     ran = []
-    real = _cpu_kernels.coupled_update
+    real = _cpu_kernels.coupled_step
 
     def spy(*args, **kwargs):
         ran.append(real(*args, **kwargs))
         return ran[-1]
 
-    monkeypatch.setattr(_cpu_kernels, "coupled_update", spy)
+    monkeypatch.setattr(_cpu_kernels, "coupled_step", spy)
     yield
     assert ran and all(ran), "the C++ kernel did not take the coupled update"
     assert _cpu_kernels.available(), f"the C++ kernels failed to build: {_cpu_kernels._unavailable}"
@@ -266,6 +266,21 @@ def test_compiled_fused_path_matches_reference_path_every_step_and_fp64_at_the_e
         for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
     expected = fp64_coupled_adam(weight, grads, lrs, **{k: v for k, v in hyper.items() if k != "lr"})
+    torch.testing.assert_close(fast_p.double(), expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_amsgrad_steps_with_the_running_maximum_when_gradients_shrink(always_compile):
+    """With shrinking gradients vbar falls, and AMSGrad must divide by its running maximum instead (with growing
+    ones the two coincide, and a kernel that ignored the maximum would pass)."""
+    weight = gradients((150, VECTOR_BODY_AND_TAIL), 1, seed=7)[0]
+    grads = [g * 0.5**step for step, g in enumerate(gradients((150, VECTOR_BODY_AND_TAIL), 10))]
+    hyper = dict(betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)
+    lrs = [1e-2] * len(grads)
+    _, fast_p, _ = run_coupled(weight, grads, lr=1e-2, fused=True, amsgrad=True, **hyper)
+    expected = fp64_coupled_adam(weight, grads, lrs, amsgrad=True, **hyper)
+    without_maximum = fp64_coupled_adam(weight, grads, lrs, **hyper)
+    assert (expected - without_maximum).abs().max() > 1e-3  # the two are told apart
     torch.testing.assert_close(fast_p.double(), expected, rtol=2e-5, atol=2e-6)
 
 

@@ -393,6 +393,24 @@ def test_half_precision_state_follows_state_dtype_and_tracks_the_fp32_run(dtype,
             assert torch.equal(reloaded.state[p][key], value)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_foreach_coupled_half_precision_step_is_bitwise_the_reference_step(dtype, monkeypatch):
+    """foreach=True updates half-precision coupled params block by block of rows in float32 buffers (torch's
+    mixed-dtype addcdiv_ is slow on CPU): the same numbers as the reference's single op, for every block size."""
+    import coupled_adam_hf.optimizer as optimizer_module
+
+    monkeypatch.setattr(optimizer_module, "_ROW_BLOCK_ELEMENTS", 5 * 6)  # blocks of 5 rows: 13 = 5 + 5 + 3
+    params = {impl: make_params(shapes=[(13, 6)], dtype=dtype) for impl in ("single_tensor", "foreach")}
+    opts = {impl: CoupledAdam([{"params": ps, "coupled": True}], lr=1e-2, weight_decay=0.1,
+                              **IMPLEMENTATIONS[impl]) for impl, ps in params.items()}
+    for impl in opts:
+        run(opts[impl], params[impl], gradient_stream([(13, 6)], 6, dtype=dtype))
+    (ref,), (fast,) = params["single_tensor"], params["foreach"]
+    assert not torch.equal(ref, make_params(shapes=[(13, 6)], dtype=dtype)[0])  # it trained
+    assert torch.equal(fast, ref)
+    assert torch.equal(opts["foreach"].state[fast]["exp_avg"], opts["single_tensor"].state[ref]["exp_avg"])
+
+
 def test_float32_state_tracks_the_fp32_run_closer_than_half_state():
     """What state_dtype=float32 buys: bf16 moments round away part of every small (1 - beta) contribution."""
     params32, groups32, _ = coupled_setup()
