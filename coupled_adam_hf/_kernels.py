@@ -6,20 +6,23 @@ writes ``p, m`` (24 bytes per fp32 parameter, against AdamW's 28). Plain torch o
 its own pass over ``[V, H]`` memory (``m.lerp_`` and ``p.addcdiv_`` alone move 24 bytes), and on CPU torch's
 column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwidth. Hence:
 
-- :func:`column_sq_sum` / :func:`column_sum`: per-column sums over rows, on CPU by accumulating blocks of rows
-  into a small buffer (about as fast as reading the tensor once);
+- :func:`column_sq_sum` / :func:`column_sum`: per-column sums over rows: on CPU the C++ kernel of
+  ``_cpu_kernels``, else (or where it cannot be built) blocks of rows accumulated into a small buffer;
 - :func:`coupled_update_`: the element-wise part of a coupled step, and :func:`adamw_update_`: plain AdamW for a
   half-precision param with float32 state (which torch's fused kernel cannot take). Each is the reference path's
-  sequence of in-place ops; compiled by ``torch.compile`` (inductor: vectorized C++ on CPU, Triton on CUDA) it
-  becomes one pass over memory, run eagerly it is the fallback.
+  sequence of ops; compiled by ``torch.compile`` (inductor: vectorized C++ on CPU, Triton on CUDA) it becomes one
+  pass over memory, run eagerly it is the fallback. On CPU the optimizer calls the hand-written C++ step of
+  ``_cpu_kernels`` instead (:func:`cpp_wanted`), which also does the ``[1, H]`` column arithmetic.
 
-When to compile is decided by :func:`compile_wanted` (per coupled tensor) and :func:`compile_wanted_for` (per set
-of uncoupled tensors), from the environment variable ``COUPLED_ADAM_COMPILE``:
+Which kernels run is decided per coupled tensor by :func:`cpp_wanted` (CPU) and :func:`compile_wanted`, and per
+set of uncoupled half-precision tensors by :func:`compile_wanted_for`, from two environment variables:
 
-- ``auto`` (default): compile from :data:`AUTO_COMPILE_MIN_NUMEL` elements on. Compiling costs seconds once per
-  process (5-20 s on a 2-core CPU), which only pays off for real embedding matrices; small models, and the test
-  suite, stay on eager ops;
-- ``1`` / ``always``: compile whatever the size; ``0`` / ``never``: never compile.
+- ``COUPLED_ADAM_COMPILE``: ``auto`` (default) takes the C++ CPU kernels from :data:`AUTO_CPP_MIN_NUMEL` elements
+  on (built once per machine, about 2 s per variant, cached on disk) and compiles with torch.compile from
+  :data:`AUTO_COMPILE_MIN_NUMEL` on (seconds once per process, which only pays off for real embedding matrices);
+  smaller tensors, and the test suite, stay on eager ops. ``1`` / ``always``: fast kernels whatever the size;
+  ``0`` / ``never``: eager ops only;
+- ``COUPLED_ADAM_CPP``: ``0`` keeps the C++ kernels out (CPUs then run the torch.compile'd ones, as GPUs do).
 
 A failed compile (no C++ compiler, no Triton, an inductor bug) is logged at debug level and that kernel stays
 eager for the rest of the process. Inside an outer ``torch.compile`` (a compiled training step) the eager ops are
@@ -43,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "column_sq_sum", "column_sum", "compile_wanted",
-    "compile_wanted_for", "coupled_update_", "cpp_wanted",
+    "compile_wanted_for", "coupled_update_", "cpp_enabled", "cpp_wanted",
 ]
 
 #: ``COUPLED_ADAM_COMPILE=auto`` compiles coupled tensors from this size on (2**24 elements: a 32k x 512 matrix;
@@ -60,6 +63,7 @@ AUTO_CPP_MIN_NUMEL = 1 << 20
 _EAGER_BLOCK_ELEMENTS = 1 << 19
 
 _COMPILE_ENV = "COUPLED_ADAM_COMPILE"
+_CPP_ENV = "COUPLED_ADAM_CPP"
 _broken: set[str] = set()  # kernels whose compilation failed in this process
 _compiled: dict[tuple, Callable[..., Any]] = {}  # one compiled function per kernel and signature
 
@@ -77,6 +81,17 @@ def compile_policy() -> str:
     raise ValueError(f"{_COMPILE_ENV}={raw!r} is not understood; use auto, 1 (always) or 0 (never)")
 
 
+def cpp_enabled() -> bool:
+    """``COUPLED_ADAM_CPP`` (default ``1``): ``0`` keeps the hand-written C++ CPU kernels out, so CPUs run the
+    torch.compile'd kernels (or eager ops) as GPUs do: for comparing the two, or to rule the C++ kernels out."""
+    raw = os.environ.get(_CPP_ENV, "1").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{_CPP_ENV}={raw!r} is not understood; use 1 (the default) or 0 (no C++ kernels)")
+
+
 def compile_wanted(t: Tensor) -> bool:
     """Whether the fused path should run compiled kernels on tensor ``t`` (a plain, local tensor)."""
     if t.device.type not in ("cpu", "cuda"):
@@ -91,7 +106,7 @@ def compile_wanted(t: Tensor) -> bool:
 
 def cpp_wanted(t: Tensor) -> bool:
     """Whether a coupled CPU tensor ``t`` should go through the C++ kernels of ``_cpu_kernels``."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or not _cpu_kernels.available():
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or not _cpu_kernels.available() or not cpp_enabled():
         return False
     policy = compile_policy()
     if policy == "never":

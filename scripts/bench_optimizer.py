@@ -12,9 +12,11 @@ Groups follow the paper: embeddings coupled with weight decay 0, other matrices 
 AdamW gets the same groups. Every contender steps the same parameters and gradients with its own state. Each
 timed step of a contender sits right beside a fused AdamW step (B X, then X B on the next turn; the contender
 order rotates every turn), and the reported ratio is the median of those adjacent-pair ratios (with its
-interquartile range), robust to the load of a shared machine drifting. A plain copy of a large buffer runs in the
-same rotation and gives the memory bandwidth of the moment; "bw %" is a contender's minimal memory traffic per
-step (its bytes model, below) divided by its fastest step, relative to the fastest copy. On a shared machine the
+interquartile range), robust to the load of a shared machine drifting. An in-place update of a large buffer
+(``a += b``: reads a and b, writes a, the access pattern of an optimizer's passes; a plain copy would also pay for
+reading its destination before writing it) runs in the same rotation and gives the memory bandwidth of the moment,
+the floor; "bw %" is a contender's minimal memory traffic per step (its bytes model, below) divided by its fastest
+step, relative to the fastest probe. On a shared machine the
 ratio of the fastest steps ("x (min)") estimates the undisturbed ratio; the median of the pair ratios shows what a
 loaded machine gives.
 
@@ -51,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from coupled_adam_hf import CoupledAdam
-from coupled_adam_hf._kernels import compile_policy
+from coupled_adam_hf._kernels import compile_policy, cpp_enabled
 
 BASELINE = "adamw_fused"
 
@@ -130,7 +132,7 @@ def build_parameter_set(name: str, dtype: torch.dtype, device: torch.device, lla
 class Contender:
     name: str
     make: Callable[[ParameterSet], torch.optim.Optimizer]
-    compile_env: str | None = None  # COUPLED_ADAM_COMPILE while this contender steps
+    env: dict[str, str] = field(default_factory=dict)  # environment while this contender steps (kernel choice)
     bytes_kind: str = "adamw"  # "adamw", "compact" or "full": the bytes model for coupled tensors
     description: str = ""
     fp32_state: bool = False  # moments in float32 whatever the param dtype (state_dtype=torch.float32)
@@ -147,25 +149,32 @@ def _adamw(**kwargs) -> Callable[[ParameterSet], torch.optim.Optimizer]:
     return lambda ps: torch.optim.AdamW(ps.groups(with_coupling=False), **HYPER, **kwargs)
 
 
+ALWAYS = {"COUPLED_ADAM_COMPILE": "always"}  # fast kernels whatever the tensor size
+INDUCTOR = {"COUPLED_ADAM_COMPILE": "always", "COUPLED_ADAM_CPP": "0"}  # torch.compile'd kernels, also on CPU
+EAGER = {"COUPLED_ADAM_COMPILE": "never"}
+
 CONTENDERS = [
     Contender(BASELINE, _adamw(fused=True), description="torch.optim.AdamW(fused=True)"),
     Contender("adamw_foreach", _adamw(foreach=True), description="torch.optim.AdamW(foreach=True)"),
-    Contender("coupled_default", _coupled(), None, "compact",
-              "CoupledAdam() - fused, compact state, compiled kernels by COUPLED_ADAM_COMPILE=auto"),
-    Contender("coupled_fused_compiled", _coupled(fused=True), "always", "compact",
-              "fused, compact, kernels always compiled"),
-    Contender("coupled_fused_eager", _coupled(fused=True), "never", "compact",
+    Contender("coupled_default", _coupled(), {}, "compact",
+              "CoupledAdam(): fused, compact state; C++ kernels on CPU from 2^20 elements, torch.compile'd ones on "
+              "GPU from 2^24 (COUPLED_ADAM_COMPILE=auto)"),
+    Contender("coupled_fused_compiled", _coupled(fused=True), ALWAYS, "compact",
+              "fused, compact, fast kernels for every size (COUPLED_ADAM_COMPILE=always: C++ on CPU)"),
+    Contender("coupled_fused_inductor", _coupled(fused=True), INDUCTOR, "compact",
+              "fused, compact, torch.compile'd kernels (COUPLED_ADAM_CPP=0: what a GPU runs)"),
+    Contender("coupled_fused_eager", _coupled(fused=True), EAGER, "compact",
               "fused, compact, eager torch ops (no compiler)"),
-    Contender("coupled_fused_nocheck", _coupled(fused=True, nonfinite="ignore"), None, "compact",
+    Contender("coupled_fused_nocheck", _coupled(fused=True, nonfinite="ignore"), {}, "compact",
               "default, but nonfinite='ignore' (no host sync)"),
-    Contender("coupled_foreach", _coupled(foreach=True), None, "compact", "foreach=True, compact"),
-    Contender("coupled_full_fused", _coupled(fused=True, compact=False), "always", "full",
-              "fused, full [V, H] second moment, compiled"),
-    Contender("coupled_full_foreach", _coupled(foreach=True, compact=False), None, "full",
+    Contender("coupled_foreach", _coupled(foreach=True), {}, "compact", "foreach=True, compact"),
+    Contender("coupled_full_fused", _coupled(fused=True, compact=False), ALWAYS, "full",
+              "fused, full [V, H] second moment, fast kernels"),
+    Contender("coupled_full_foreach", _coupled(foreach=True, compact=False), {}, "full",
               "foreach=True, full second moment (the paper's layout)"),
-    Contender("coupled_single_tensor", _coupled(foreach=False, fused=False), None, "compact",
+    Contender("coupled_single_tensor", _coupled(foreach=False, fused=False), {}, "compact",
               "the single-tensor reference path"),
-    Contender("coupled_fp32_state", _coupled(state_dtype=torch.float32), None, "compact",
+    Contender("coupled_fp32_state", _coupled(state_dtype=torch.float32), {}, "compact",
               "default, but float32 moments for half-precision params (state_dtype=torch.float32)", True),
 ]
 QUICK_CONTENDERS = ("adamw_fused", "adamw_foreach", "coupled_default", "coupled_fused_compiled",
@@ -173,19 +182,17 @@ QUICK_CONTENDERS = ("adamw_fused", "adamw_foreach", "coupled_default", "coupled_
 
 
 @contextlib.contextmanager
-def _compile_env(value: str | None) -> Iterator[None]:
-    if value is None:
-        yield
-        return
-    old = os.environ.get("COUPLED_ADAM_COMPILE")
-    os.environ["COUPLED_ADAM_COMPILE"] = value
+def _environment(overrides: dict[str, str]) -> Iterator[None]:
+    old = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["COUPLED_ADAM_COMPILE"]
-        else:
-            os.environ["COUPLED_ADAM_COMPILE"] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -282,7 +289,7 @@ class Result:
     state_ratio_to_adamw: float
     traffic_bytes: int
     achieved_gb_s: float
-    copy_gb_s: float
+    stream_gb_s: float
     bandwidth_fraction: float
     round: int
     steps: int
@@ -294,35 +301,36 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def copy_probe(device: torch.device, numel: int) -> Callable[[], object]:
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
+def stream_probe(device: torch.device, numel: int) -> Callable[[], object]:
+    """``a += b`` over ``numel`` float32 elements: 12 bytes per element, read-modify-write like an optimizer pass."""
+    a = torch.randn(numel, device=device)
+    b = torch.randn(numel, device=device)
+    return lambda: a.add_(b)
 
 
 def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup: int, device: torch.device,
-              copy_numel: int, round_index: int) -> list[Result]:
+              stream_numel: int, round_index: int) -> list[Result]:
     optimizers = {}
     first_step = {}
     for c in contenders:
         opt = c.make(ps)
-        with _compile_env(c.compile_env):
+        with _environment(c.env):
             first_step[c.name] = _timed(opt.step, device)
             for _ in range(warmup - 1):
                 opt.step()
         optimizers[c.name] = opt
-    copy = copy_probe(device, copy_numel)
+    stream = stream_probe(device, stream_numel)
     for _ in range(2):
-        copy()
-    names = [c.name for c in contenders if c.name != BASELINE] + ["_copy"]
+        stream()
+    names = [c.name for c in contenders if c.name != BASELINE] + ["_stream"]
     times: dict[str, list[float]] = {n: [] for n in [BASELINE, *names]}
     ratios: dict[str, list[float]] = {c.name: [] for c in contenders}
     by_name = {c.name: c for c in contenders}
 
     def step_of(name: str) -> float:
-        if name == "_copy":
-            return _timed(copy, device)
-        with _compile_env(by_name[name].compile_env):
+        if name == "_stream":
+            return _timed(stream, device)
+        with _environment(by_name[name].env):
             return _timed(optimizers[name].step, device)
 
     # Every contender is timed right beside a fused AdamW step (alternately before and after it), so each ratio
@@ -339,8 +347,8 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
     ratios[BASELINE] = [1.0]
     load = list(os.getloadavg())
     adamw_state = state_bytes(optimizers[BASELINE])
-    copy_s = min(times["_copy"])  # bandwidths from the fastest (least disturbed) runs
-    copy_gb_s = 2 * copy_numel * 4 / copy_s / 1e9
+    stream_s = min(times["_stream"])  # bandwidths from the fastest (least disturbed) runs
+    stream_gb_s = 3 * stream_numel * 4 / stream_s / 1e9
     coupled_numel = sum(p.numel() for p, c in zip(ps.params, ps.coupled) if c)
     results = []
     for c in contenders:
@@ -355,8 +363,8 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
             ratio_q3=_quantile(ratios[c.name], 0.75), min_ms=min(times[c.name]) * 1e3,
             ratio_of_minimums=min(times[c.name]) / min(times[BASELINE]), first_step_s=first_step[c.name],
             state_bytes=sbytes, state_ratio_to_adamw=sbytes / adamw_state if adamw_state else float("nan"),
-            traffic_bytes=traffic, achieved_gb_s=achieved, copy_gb_s=copy_gb_s,
-            bandwidth_fraction=achieved / copy_gb_s, round=round_index, steps=steps, loadavg=load))
+            traffic_bytes=traffic, achieved_gb_s=achieved, stream_gb_s=stream_gb_s,
+            bandwidth_fraction=achieved / stream_gb_s, round=round_index, steps=steps, loadavg=load))
     del optimizers
     gc.collect()
     return results
@@ -374,7 +382,7 @@ def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, de
     results = []
     for index, round_contenders in enumerate(rounds):
         results += run_round(ps, round_contenders, args.steps, args.warmup, device,
-                             args.copy_mib * (1 << 20) // 4, index)
+                             args.stream_mib * (1 << 20) // 4, index)
     kept = results  # the baseline has a row per round: each round's ratios refer to its own baseline
     print_table(kept)
     del ps
@@ -393,8 +401,8 @@ def print_table(results: list[Result]) -> None:
               f"{r.first_step_s:6.2f} "
               f"{r.state_bytes / 2**20:10.1f} {r.state_ratio_to_adamw:8.3f} {r.achieved_gb_s:6.1f} "
               f"{100 * r.bandwidth_fraction:5.0f} {r.loadavg[0]:6.2f}", flush=True)
-    copy = {r.round: r.copy_gb_s for r in results}
-    print("copy bandwidth per round: " + ", ".join(f"{v:.1f} GB/s" for v in copy.values()))
+    stream = {r.round: r.stream_gb_s for r in results}
+    print("in-place stream bandwidth (the floor) per round: " + ", ".join(f"{v:.1f} GB/s" for v in stream.values()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (compiles happen here)")
     parser.add_argument("--llama-layers", type=int, default=1, help="decoder layers in the llama-1b-slice set")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    parser.add_argument("--copy-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and the C++ kernels (default: torch's, i.e. OMP_NUM_THREADS)")
+    parser.add_argument("--stream-mib", type=int, default=256, help="buffer size of the bandwidth probe (a += b)")
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="share of available memory that optimizer states of one round may use")
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="explicit state budget per round")
@@ -422,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         args.sets, args.dtypes = "small", "float32"
         args.steps, args.warmup = min(args.steps, 9), min(args.warmup, 2)
         args.contenders = args.contenders or ",".join(QUICK_CONTENDERS)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # (also the OpenMP threads of the C++ kernels: the same runtime)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -445,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = dict(
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
-        cpus=os.cpu_count(), python=sys.version.split()[0], compile_policy=compile_policy(),
+        cpus=os.cpu_count(), python=sys.version.split()[0], compile_policy=compile_policy(), cpp_kernels=cpp_enabled(),
         loadavg_start=list(os.getloadavg()))
     print(f"device {machine['device_name']} ({device}), torch {torch.__version__}, {machine['threads']} threads, "
-          f"COUPLED_ADAM_COMPILE={machine['compile_policy']}, load {machine['loadavg_start']}")
+          f"COUPLED_ADAM_COMPILE={machine['compile_policy']}, C++ kernels {'on' if cpp_enabled() else 'off'}, "
+          f"load {machine['loadavg_start']}")
     results: list[Result] = []
     for s in sets:
         for dtype in dtypes:

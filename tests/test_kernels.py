@@ -202,6 +202,19 @@ def test_unknown_compile_policy_is_refused_with_the_choices(monkeypatch):
         _kernels.compile_policy()
 
 
+def test_cpp_switch_keeps_the_cpp_kernels_out_and_the_compiled_ones_in(monkeypatch):
+    """COUPLED_ADAM_CPP=0: a CPU runs the torch.compile'd kernels, as a GPU does (what the benchmark compares)."""
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "1")
+    monkeypatch.setenv("COUPLED_ADAM_CPP", "0")
+    t = torch.zeros(4, 4)
+    assert not _kernels.cpp_wanted(t) and _kernels.compile_wanted(t)
+    monkeypatch.setenv("COUPLED_ADAM_CPP", "1")
+    assert _kernels.cpp_wanted(t)
+    monkeypatch.setenv("COUPLED_ADAM_CPP", "maybe")
+    with pytest.raises(ValueError, match="COUPLED_ADAM_CPP='maybe'.*1 .the default. or 0"):
+        _kernels.cpp_wanted(t)
+
+
 def test_small_tensors_stay_eager_under_the_default_policy(monkeypatch):
     monkeypatch.delenv("COUPLED_ADAM_COMPILE", raising=False)
 
