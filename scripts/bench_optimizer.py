@@ -157,7 +157,7 @@ CONTENDERS = [
     Contender(BASELINE, _adamw(fused=True), description="torch.optim.AdamW(fused=True)"),
     Contender("adamw_foreach", _adamw(foreach=True), description="torch.optim.AdamW(foreach=True)"),
     Contender("coupled_default", _coupled(), {}, "compact",
-              "CoupledAdam(): fused, compact state; C++ kernels on CPU from 2^20 elements, torch.compile'd ones on "
+              "CoupledAdam(): fused, compact state; C++ kernels on CPU from 2^16 elements, torch.compile'd ones on "
               "GPU from 2^24 (COUPLED_ADAM_COMPILE=auto)"),
     Contender("coupled_fused_compiled", _coupled(fused=True), ALWAYS, "compact",
               "fused, compact, fast kernels for every size (COUPLED_ADAM_COMPILE=always: C++ on CPU)"),

@@ -185,7 +185,7 @@ def test_auto_policy_compiles_only_embedding_sized_tensors(monkeypatch):
     assert not _kernels.compile_wanted(torch.zeros(64, 32, device="meta")), "only cpu and cuda tensors compile"
 
 
-def test_auto_policy_takes_the_cpp_kernels_from_a_million_elements(monkeypatch):
+def test_auto_policy_takes_the_cpp_kernels_from_64k_elements(monkeypatch):
     monkeypatch.delenv("COUPLED_ADAM_COMPILE", raising=False)
     assert _kernels.cpp_wanted(torch.zeros(1).expand(_kernels.AUTO_CPP_MIN_NUMEL))
     assert not _kernels.cpp_wanted(torch.zeros(1).expand(_kernels.AUTO_CPP_MIN_NUMEL - 1))
