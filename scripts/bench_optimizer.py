@@ -29,7 +29,7 @@ Usage::
 
     python scripts/bench_optimizer.py --quick                          # small set, fp32, a minute on 2 cores
     python scripts/bench_optimizer.py --sets gpt2-124m --dtypes float32 --output bench.json
-    python scripts/bench_optimizer.py                                  # everything (CPU: ~15 min)
+    python scripts/bench_optimizer.py                                  # everything (CPU: ~25 min on 2 cores)
 
 Timings are medians after warm-up (compiled kernels compile during warm-up; the first-step time is reported
 separately). CUDA is used when available (``--device``), with ``torch.cuda.synchronize()`` around every timing.
