@@ -77,8 +77,9 @@ template <typename T> inline void store2(T* ptr, Vec& a, Vec& b) {
 }
 """
 
-# Per-column sum over rows of x (SQUARE: of x*x), in float, divided by `divisor` (1: the sum; rows: the mean). Rows are cut into blocks whose size depends on the shape
-# only; each block sums its rows in order, eight at a time in registers, and the blocks are added in order.
+# Per-column sum over rows of x (SQUARE: of x*x), in float, divided by `divisor` (1: the sum; rows: the mean).
+# Rows are cut into blocks whose size depends on the shape only; each block sums its rows in order, eight at a time
+# in registers, and the blocks are added in order.
 _COLUMN_SUM = _PRELUDE + r"""
 inline void accumulate(Vec& s, const Vec& value) { s = SQUARE ? at::vec::fmadd(value, value, s) : s + value; }
 extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols, float divisor) {
@@ -157,7 +158,9 @@ inline void update_one(in_t* p, const in_t* g, state_t* m, state_t* v, float sca
   if (FULL) *v = static_cast<state_t>(std::fma(grad * grad, c2, static_cast<float>(*v) * beta2));
   *p = static_cast<in_t>(std::fma(static_cast<float>(new_m), scale, static_cast<float>(*p) * decay));
 }
-inline Vec new_moment(const Vec& grad, const Vec& old_m, const Vec& c1) { return at::vec::fmadd(grad - old_m, c1, old_m); }
+inline Vec new_moment(const Vec& grad, const Vec& old_m, const Vec& c1) {
+  return at::vec::fmadd(grad - old_m, c1, old_m);
+}
 inline Vec new_second_moment(const Vec& grad, const Vec& old_v, const Vec& beta2, const Vec& c2) {
   return at::vec::fmadd(grad * grad, c2, old_v * beta2);
 }

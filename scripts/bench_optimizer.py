@@ -39,7 +39,6 @@ Never read absolute milliseconds from a shared machine: compare the ratios, and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -47,8 +46,9 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from unittest import mock
 
 import torch
 
@@ -181,20 +181,6 @@ QUICK_CONTENDERS = ("adamw_fused", "adamw_foreach", "coupled_default", "coupled_
                     "coupled_fused_eager", "coupled_foreach", "coupled_full_fused")
 
 
-@contextlib.contextmanager
-def _environment(overrides: dict[str, str]) -> Iterator[None]:
-    old = {name: os.environ.get(name) for name in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
-
-
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
@@ -314,7 +300,7 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
     first_step = {}
     for c in contenders:
         opt = c.make(ps)
-        with _environment(c.env):
+        with mock.patch.dict(os.environ, c.env):
             first_step[c.name] = _timed(opt.step, device)
             for _ in range(warmup - 1):
                 opt.step()
@@ -330,7 +316,7 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
     def step_of(name: str) -> float:
         if name == "_stream":
             return _timed(stream, device)
-        with _environment(by_name[name].env):
+        with mock.patch.dict(os.environ, by_name[name].env):
             return _timed(optimizers[name].step, device)
 
     # Every contender is timed right beside a fused AdamW step (alternately before and after it), so each ratio
