@@ -20,6 +20,7 @@ caller falls back to the portable kernels in ``_kernels`` and this module is not
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -77,15 +78,58 @@ template <typename T> inline void store2(T* ptr, Vec& a, Vec& b) {
 }
 """
 
-# Per-column sum over rows of x (SQUARE: of x*x), in float, divided by `divisor` (1: the sum; rows: the mean).
-# Rows are cut into blocks whose size depends on the shape only; each block sums its rows in order, eight at a time
-# in registers, and the blocks are added in order.
-_COLUMN_SUM = _PRELUDE + r"""
-inline void accumulate(Vec& s, const Vec& value) { s = SQUARE ? at::vec::fmadd(value, value, s) : s + value; }
-extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols, float divisor) {
+# Per-column sums over rows, shared by both kernels. Rows are cut into blocks whose size depends on the shape only;
+# each block sums its rows in order into its own row of a buffer, and the blocks are then added in order, so the
+# result does not depend on the number of threads. Narrow rows (up to ROW_AT_A_TIME_COLS columns) are added one row
+# at a time, one sequential stream with the accumulator in L1; wider ones eight rows at a time in registers. (Each
+# was the faster at reading the gradient from memory at its widths: 256 and 768 columns one way, 2048 the other.)
+_COLUMN_SUMS = r"""
+constexpr int64_t ROW_AT_A_TIME_COLS = 1024;
+template <bool SQ> inline void accumulate(Vec& s, const Vec& value) {
+  s = SQ ? at::vec::fmadd(value, value, s) : s + value;
+}
+template <bool SQ> inline float term(float value) { return SQ ? value * value : value; }
+template <bool SQ, typename T> inline void add_row(const T* row, float* acc, int64_t cols, int64_t vec_cols) {
+  for (int64_t j = 0; j < vec_cols; j += W2) {
+    Vec s0 = Vec::loadu(acc + j), s1 = Vec::loadu(acc + j + W), v0, v1;
+    load2(row + j, v0, v1);
+    accumulate<SQ>(s0, v0);
+    accumulate<SQ>(s1, v1);
+    s0.store(acc + j);
+    s1.store(acc + j + W);
+  }
+  for (int64_t j = vec_cols; j < cols; ++j) acc[j] += term<SQ>(static_cast<float>(row[j]));
+}
+// rows [r0, r1) of x into acc (cols values, overwritten), each row added in order
+template <bool SQ, typename T> void block_column_sums(const T* x, float* acc, int64_t r0, int64_t r1, int64_t cols) {
+  const int64_t vec_cols = cols - cols % W2;
+  std::fill(acc, acc + cols, 0.0f);
+  int64_t r = r0;
+  if (cols > ROW_AT_A_TIME_COLS) {
+    for (; r + 8 <= r1; r += 8) {
+      const T* row = x + r * cols;
+      for (int64_t j = 0; j < vec_cols; j += W2) {
+        Vec s0 = Vec::loadu(acc + j), s1 = Vec::loadu(acc + j + W);
+        for (int64_t u = 0; u < 8; ++u) {
+          Vec v0, v1;
+          load2(row + u * cols + j, v0, v1);
+          accumulate<SQ>(s0, v0);
+          accumulate<SQ>(s1, v1);
+        }
+        s0.store(acc + j);
+        s1.store(acc + j + W);
+      }
+      for (int64_t j = vec_cols; j < cols; ++j) {
+        for (int64_t u = 0; u < 8; ++u) acc[j] += term<SQ>(static_cast<float>(row[u * cols + j]));
+      }
+    }
+  }
+  for (; r < r1; ++r) add_row<SQ>(x + r * cols, acc, cols, vec_cols);
+}
+// out[j] = (sum over rows of x[r, j], or of its square) / divisor
+template <bool SQ, typename T> void column_sums(const T* x, float* out, int64_t rows, int64_t cols, float divisor) {
   const int64_t block_rows = std::max<int64_t>(64, (rows + 255) / 256);
   const int64_t blocks = (rows + block_rows - 1) / block_rows;
-  const int64_t vec_cols = cols - cols % W2;
   // one buffer per calling thread, kept between calls: a fresh one of this size is an mmap, page faults and an
   // munmap on every call (every block zeroes its own part)
   // (thread_local: taken by pointer before the parallel region, whose worker threads would see their own)
@@ -96,38 +140,7 @@ extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols, fl
   {
   #pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    float* acc = partial + b * cols;
-    const int64_t r0 = b * block_rows;
-    const int64_t r1 = std::min(rows, r0 + block_rows);
-    std::fill(acc, acc + cols, 0.0f);
-    int64_t r = r0;
-    for (; r + 8 <= r1; r += 8) {
-      const in_t* row = x + r * cols;
-      for (int64_t j = 0; j < vec_cols; j += W2) {
-        Vec s0 = Vec::loadu(acc + j), s1 = Vec::loadu(acc + j + W);
-        for (int64_t u = 0; u < 8; ++u) {
-          Vec v0, v1;
-          load2(row + u * cols + j, v0, v1);
-          accumulate(s0, v0);
-          accumulate(s1, v1);
-        }
-        s0.store(acc + j);
-        s1.store(acc + j + W);
-      }
-      for (int64_t j = vec_cols; j < cols; ++j) {
-        for (int64_t u = 0; u < 8; ++u) {
-          const float value = static_cast<float>(row[u * cols + j]);
-          acc[j] += SQUARE ? value * value : value;
-        }
-      }
-    }
-    for (; r < r1; ++r) {
-      const in_t* row = x + r * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        const float value = static_cast<float>(row[j]);
-        acc[j] += SQUARE ? value * value : value;
-      }
-    }
+    block_column_sums<SQ>(x, partial + b * cols, b * block_rows, std::min(rows, (b + 1) * block_rows), cols);
   }
   // (the implicit barrier of the loop above: every block is done)
   #pragma omp for schedule(static)
@@ -140,13 +153,25 @@ extern "C" void kernel(const in_t* x, float* out, int64_t rows, int64_t cols, fl
 }
 """
 
+# Per-column sum over rows of x (SQUARE: of x*x), in float, divided by `divisor` (1: the sum; rows: the mean).
+_COLUMN_SUM = _PRELUDE + _COLUMN_SUMS + r"""
+extern "C" int64_t kernel(const in_t* x, float* out, int64_t rows, int64_t cols, float divisor) {
+  column_sums<SQUARE>(x, out, rows, cols, divisor);
+  return 0;
+}
+"""
+
 # A coupled step in place, computed in float, each tensor rounded once when stored.
+# Statistics (`stats` 1 or 2): the column means of g^2 (`grad_sq_mean`, else given), with 1: when their sum is not
+# finite, nothing is written and the kernel returns 0 (the caller skips the step).
+# Counter and bias corrections: step <- step + 1, then 1 - b1^t and sqrt(1 - b2^t) in double, from the same double
+# hyperparameters and with the same expressions as the Python paths, so every path steps with the same float scalars.
 # Column phase (serial, `cols` values): vbar <- b2 vbar + (1-b2) mean(g^2) in `v_col` (the compact state, or the
 # column mean of the old per-element v, which becomes that of the new one by linearity); with AMSGRAD
 # v_max <- max(v_max, vbar) and vbar <- v_max; then the step per column, neg_step / (sqrt(vbar * v_scale) + eps).
 # Row pass (parallel, one pass over memory): m <- m + (1-b1)(g - m); with FULL also v <- b2 v + (1-b2) g^2; then
 # p <- p * decay + m * step[col], with m as stored (rounded to the state dtype), as the reference path reads it.
-_COUPLED_UPDATE = _PRELUDE + r"""
+_COUPLED_UPDATE = _PRELUDE + _COLUMN_SUMS + r"""
 typedef STATE_T state_t;
 inline void update_one(in_t* p, const in_t* g, state_t* m, state_t* v, float scale, float decay, float c1,
                        float beta2, float c2) {
@@ -169,21 +194,39 @@ inline Vec new_param(const Vec& m, const Vec& scale, const Vec& old_p, const Vec
 }
 // torch.maximum: NaN wins
 inline float nan_max(float a, float b) { return std::isnan(a) ? a : (std::isnan(b) ? b : std::max(a, b)); }
-extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, float* v_col, const float* grad_sq_mean,
-                       float* v_max, int64_t rows, int64_t cols, float decay, float c1, float beta2, float c2,
-                       float v_scale, float eps, float neg_step) {
-  // (thread_local, kept between calls; taken by pointer before the parallel region)
+extern "C" int64_t kernel(in_t* p, const in_t* g, state_t* m, state_t* v, float* v_col, const float* grad_sq_mean,
+                          float* v_max, float* step, int64_t rows, int64_t cols, double lr, double beta1,
+                          double beta2, double weight_decay, double eps, double avg_scale, int64_t stats) {
+  // (thread_local, kept between calls; taken by pointer before the parallel regions)
   static thread_local std::vector<float> buffer;
-  if (buffer.size() < static_cast<size_t>(cols)) buffer.resize(cols);
+  if (buffer.size() < static_cast<size_t>(2 * cols)) buffer.resize(2 * cols);
   float* const scale = buffer.data();
+  if (stats != 0) {
+    float* const mean = scale + cols;
+    column_sums<true>(g, mean, rows, cols, static_cast<float>(rows));
+    if (stats == 1) {
+      float total = 0.0f;
+      for (int64_t j = 0; j < cols; ++j) total += mean[j];
+      if (!std::isfinite(total)) return 0;
+    }
+    grad_sq_mean = mean;
+  }
+  const float t = *step + 1.0f;
+  *step = t;
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(t));
+  const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(t)));
+  const float decay = static_cast<float>(1.0 - lr * weight_decay), c1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2), c2 = static_cast<float>(1.0 - beta2);
+  const float v_scale = static_cast<float>(avg_scale / (bc2_sqrt * bc2_sqrt)), eps_f = static_cast<float>(eps);
+  const float neg_step = static_cast<float>(-lr / bc1);
   for (int64_t j = 0; j < cols; ++j) {
-    float vbar = std::fma(grad_sq_mean[j], c2, v_col[j] * beta2);
+    float vbar = std::fma(grad_sq_mean[j], c2, v_col[j] * b2);
     v_col[j] = vbar;
     if (AMSGRAD) vbar = v_max[j] = nan_max(v_max[j], vbar);
-    scale[j] = neg_step / (std::sqrt(vbar * v_scale) + eps);
+    scale[j] = neg_step / (std::sqrt(vbar * v_scale) + eps_f);
   }
   const int64_t vec_cols = cols - cols % W2;
-  const Vec decay_v(decay), c1_v(c1), beta2_v(beta2), c2_v(c2);
+  const Vec decay_v(decay), c1_v(c1), beta2_v(b2), c2_v(c2);
   #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     in_t* pr = p + r * cols;
@@ -214,8 +257,9 @@ extern "C" void kernel(in_t* p, const in_t* g, state_t* m, state_t* v, float* v_
       store2(pr + j, p0, p1);
     }
     for (int64_t j = vec_cols; j < cols; ++j) update_one(pr + j, gr + j, mr + j, FULL ? vr + j : nullptr, scale[j],
-                                                         decay, c1, beta2, c2);
+                                                         decay, c1, b2, c2);
   }
+  return 1;
 }
 """
 
@@ -231,6 +275,30 @@ def _source(template: str, **types: str) -> str:
     return source
 
 
+# inductor's Python bindings pass float arguments as C floats and return None; these kernels take their
+# hyperparameters as doubles (to compute the bias corrections exactly as Python does) and return an int64 status.
+_PARSE_DOUBLE = """
+template <> inline double parse_arg<double>(PyObject* args, size_t n) {{
+    const double result = PyFloat_AsDouble(PyTuple_GET_ITEM(args, n));
+    if(result == -1.0 && PyErr_Occurred()) [[unlikely]]
+        throw std::runtime_error("expected float arg");
+    return result;
+}}
+"""
+
+
+@functools.cache
+def _bindings() -> Any:
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    class Bindings(CppPythonBindingsCodeCache):
+        cache: dict = {}
+        call_entry_function = "return PyLong_FromLongLong(kernel({}));"
+        extra_parse_arg = _PARSE_DOUBLE
+
+    return Bindings
+
+
 def _load(key: tuple, argtypes: Callable[[], list[str]], source: Callable[[], str]) -> Callable[..., Any] | None:
     """The compiled kernel for ``key``, built on first use from ``argtypes()`` and ``source()``; None once a build
     has failed in this process."""
@@ -241,9 +309,7 @@ def _load(key: tuple, argtypes: Callable[[], list[str]], source: Callable[[], st
         fn = _loaded.get(key)
         if fn is None and not _unavailable:
             try:
-                from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-                fn = _loaded[key] = CppPythonBindingsCodeCache.load_pybinding(argtypes(), source())
+                fn = _loaded[key] = _bindings().load_pybinding(argtypes(), source())
             except Exception as error:  # noqa: BLE001 - no compiler, no inductor, a changed private API
                 _unavailable.append(repr(error))
                 logger.debug("coupled_adam_hf: C++ CPU kernels unavailable, using torch ops: %r", error)
@@ -252,7 +318,7 @@ def _load(key: tuple, argtypes: Callable[[], list[str]], source: Callable[[], st
 
 
 def _usable(*tensors: Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype in _C_TYPES and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.dtype in _C_TYPES and t.is_contiguous() for t in tensors)
 
 
 def available() -> bool:
@@ -268,7 +334,7 @@ def column_sum(x: Tensor, square: bool, divisor: float = 1.0) -> Tensor | None:
     c_type = _C_TYPES[x.dtype]
     fn = _load(("column_sum", x.dtype, square),
                lambda: [f"const {c_type}*", "float*", "int64_t", "int64_t", "float"],
-               lambda: _source(_COLUMN_SUM, IN_T=c_type, SQUARE="true" if square else "false"))
+               lambda: _source(_COLUMN_SUM, IN_T=c_type, SQUARE=_bool(square)))
     if fn is None:
         return None
     rows = x.shape[0]
@@ -278,39 +344,68 @@ def column_sum(x: Tensor, square: bool, divisor: float = 1.0) -> Tensor | None:
 
 
 def coupled_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, column_v: Tensor,
-                 grad_sq_mean: Tensor, max_column_v: Tensor | None, *, decay: float, beta1: float, beta2: float,
-                 v_scale: float, eps: float, neg_step_size: float, maximize: bool) -> bool:
-    """A coupled step in place: the column phase and one pass over the rows (see ``_COUPLED_UPDATE``); False
-    (nothing done) when these kernels cannot take the input.
+                 max_column_v: Tensor | None, step: Tensor, *, grad_sq_mean: Tensor | None, check_finite: bool = False,
+                 lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, avg_scale: float,
+                 maximize: bool) -> bool | None:
+    """A coupled step in place (see ``_COUPLED_UPDATE``), step counter and bias corrections included.
 
-    ``column_v``: ``vbar`` (``[1, *shape[1:]]``, float32), updated in place with ``grad_sq_mean``: the compact
-    ``exp_avg_sq``, or in full mode (``exp_avg_sq`` given) the column mean of the old ``exp_avg_sq``.
-    ``max_column_v``: AMSGrad's running maximum of ``vbar``, or None. ``v_scale``: ``avg_scale / (1 - beta2^t)``.
+    ``grad_sq_mean``: the column means of ``grad**2`` (``[1, *shape[1:]]``, float32), or None to have the kernel
+    take them itself in the same call; then with ``check_finite`` a non-finite result writes nothing (not even the
+    step counter) and returns False. ``column_v``: ``vbar`` (float32, one value per column), updated in place: the
+    compact ``exp_avg_sq``, or in full mode (``exp_avg_sq`` given) the column mean of the old ``exp_avg_sq``.
+    ``max_column_v``: AMSGrad's running maximum of ``vbar``, or None. ``step``: the float32 counter of ``param``.
+    Returns None (nothing done) when these kernels cannot take the input, else whether the step was taken.
     """
-    full, amsgrad = exp_avg_sq is not None, max_column_v is not None
-    tensors = [param, grad, exp_avg] + ([exp_avg_sq] if full else [])
-    if param.dim() < 1 or param.numel() == 0 or not _usable(*tensors):
-        return False
-    if grad.dtype != param.dtype or (full and exp_avg_sq.dtype != exp_avg.dtype):
-        return False
-    rows = param.shape[0]
-    cols = param.numel() // rows
-    columns = [column_v, grad_sq_mean] + ([max_column_v] if amsgrad else [])
-    if not all(c.dtype == torch.float32 and c.device.type == "cpu" and c.is_contiguous() and c.numel() == cols
-               for c in columns):
-        return False
+    kernel = step_kernel(param, grad, exp_avg, exp_avg_sq, step, column_v, grad_sq_mean, max_column_v,
+                         maximize=maximize)
+    if kernel is None:
+        return None
+    return run_step(kernel, param, grad, exp_avg, exp_avg_sq, column_v, max_column_v, step,
+                    grad_sq_mean=grad_sq_mean, check_finite=check_finite, lr=lr, beta1=beta1, beta2=beta2,
+                    weight_decay=weight_decay, eps=eps, avg_scale=avg_scale)
+
+
+def step_kernel(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None, step: Tensor,
+                column_v: Tensor | None, grad_sq_mean: Tensor | None, max_column_v: Tensor | None, *,
+                maximize: bool) -> Callable[..., Any] | None:
+    """The compiled ``coupled_step`` kernel for these tensors (built on first use), or None when it cannot take
+    them: plain contiguous CPU tensors of the kernels' dtypes, a float32 step counter, and float32 per-column
+    tensors with one value per column of ``param`` (``column_v`` None: checked by the caller; AMSGrad when
+    ``max_column_v`` is given)."""
+    if _unavailable or param.dim() < 1 or param.numel() == 0 or not _usable(param, grad, exp_avg):
+        return None
+    full = exp_avg_sq is not None
+    if grad.dtype != param.dtype or (full and not (exp_avg_sq.dtype == exp_avg.dtype and _usable(exp_avg_sq))):
+        return None
+    cols = param.numel() // param.shape[0]
+    if not all(c.dtype == torch.float32 and c.is_cpu and c.is_contiguous() and c.numel() == cols
+               for c in (column_v, grad_sq_mean, max_column_v) if c is not None):
+        return None
+    if not (step.dtype == torch.float32 and step.is_cpu and step.numel() == 1):
+        return None
+    amsgrad = max_column_v is not None
     p_type, s_type = _C_TYPES[param.dtype], _C_TYPES[exp_avg.dtype]
-    flags = dict(FULL=full, MAXIMIZE=maximize, AMSGRAD=amsgrad)
-    fn = _load(
-        ("coupled_step", param.dtype, exp_avg.dtype, *flags.values()),
+    return _load(
+        ("coupled_step", param.dtype, exp_avg.dtype, full, maximize, amsgrad),
         lambda: [f"{p_type}*", f"const {p_type}*", f"{s_type}*", f"{s_type}*", "float*", "const float*", "float*",
-                 "int64_t", "int64_t", "float", "float", "float", "float", "float", "float", "float"],
-        lambda: _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type,
-                        **{k: "true" if v else "false" for k, v in flags.items()}),
+                 "float*", "int64_t", "int64_t", "double", "double", "double", "double", "double", "double",
+                 "int64_t"],
+        lambda: _source(_COUPLED_UPDATE, IN_T=p_type, STATE_T=s_type, FULL=_bool(full), MAXIMIZE=_bool(maximize),
+                        AMSGRAD=_bool(amsgrad)),
     )
-    if fn is None:
-        return False
-    fn(param, grad, exp_avg, exp_avg_sq if full else exp_avg, column_v, grad_sq_mean,
-       max_column_v if amsgrad else column_v, rows, cols, decay, 1.0 - beta1, beta2, 1.0 - beta2, v_scale, eps,
-       neg_step_size)
-    return True
+
+
+def run_step(kernel: Callable[..., Any], param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor | None,
+             column_v: Tensor, max_column_v: Tensor | None, step: Tensor, *, grad_sq_mean: Tensor | None,
+             check_finite: bool, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+             avg_scale: float) -> bool:
+    """Run a kernel of ``step_kernel`` on the tensors it was chosen for (see ``coupled_step``)."""
+    rows = param.shape[0]
+    stats = 0 if grad_sq_mean is not None else (1 if check_finite else 2)
+    return kernel(param, grad, exp_avg, exp_avg if exp_avg_sq is None else exp_avg_sq, column_v,
+                  column_v if grad_sq_mean is None else grad_sq_mean, column_v if max_column_v is None else max_column_v,
+                  step, rows, param.numel() // rows, lr, beta1, beta2, weight_decay, eps, avg_scale, stats) == 1
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"

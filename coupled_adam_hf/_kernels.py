@@ -35,7 +35,7 @@ import logging
 import os
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "column_sq_sum", "column_sum", "compile_wanted",
-    "compile_wanted_for", "coupled_update_", "cpp_enabled", "cpp_wanted",
+    "compile_wanted_for", "coupled_update_", "cpp_enabled", "cpp_wanted", "Policy", "read_policy",
 ]
 
 #: ``COUPLED_ADAM_COMPILE=auto`` compiles coupled tensors from this size on (2**24 elements: a 32k x 512 matrix;
@@ -93,26 +93,38 @@ def cpp_enabled() -> bool:
     raise ValueError(f"{_CPP_ENV}={raw!r} is not understood; use 1 (the default) or 0 (no C++ kernels)")
 
 
-def compile_wanted(t: Tensor) -> bool:
+class Policy(NamedTuple):
+    """The kernel choice of the environment: ``compile`` (``auto``/``always``/``never``) and ``cpp``."""
+
+    compile: str
+    cpp: bool
+
+
+def read_policy() -> Policy:
+    """``COUPLED_ADAM_COMPILE`` and ``COUPLED_ADAM_CPP``, read now (an optimizer step reads them once)."""
+    return Policy(compile_policy(), cpp_enabled())
+
+
+def compile_wanted(t: Tensor, policy: Policy | None = None) -> bool:
     """Whether the fused path should run compiled kernels on tensor ``t`` (a plain, local tensor)."""
     if t.device.type not in ("cpu", "cuda"):
         return False
     if torch.compiler.is_compiling():  # an outer torch.compile traces the eager math itself
         return False
-    policy = compile_policy()
-    if policy == "never":
+    choice = policy.compile if policy is not None else compile_policy()
+    if choice == "never":
         return False
-    return policy == "always" or t.numel() >= AUTO_COMPILE_MIN_NUMEL
+    return choice == "always" or t.numel() >= AUTO_COMPILE_MIN_NUMEL
 
 
-def cpp_wanted(t: Tensor) -> bool:
+def cpp_wanted(t: Tensor, policy: Policy | None = None) -> bool:
     """Whether a coupled CPU tensor ``t`` should go through the C++ kernels of ``_cpu_kernels``."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or not _cpu_kernels.available() or not cpp_enabled():
+    if not t.is_cpu or torch.compiler.is_compiling() or not _cpu_kernels.available():
         return False
-    policy = compile_policy()
-    if policy == "never":
+    policy = policy or read_policy()
+    if not policy.cpp or policy.compile == "never":
         return False
-    return policy == "always" or t.numel() >= AUTO_CPP_MIN_NUMEL
+    return policy.compile == "always" or t.numel() >= AUTO_CPP_MIN_NUMEL
 
 
 def _signature(value: Any) -> Any:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.adamw import adamw as _torch_adamw
 
 from . import _cpu_kernels, _kernels
 
@@ -225,29 +224,24 @@ class CoupledAdam(Optimizer):
             and p.dtype in _TORCH_FUSED_DTYPES
         )
 
-    def _init_state(self, group: dict[str, Any], p: Tensor, torch_fused: bool) -> dict[str, Any]:
-        """State of ``p``, created on first use; ``torch_fused``: ``p`` goes through torch's fused kernel."""
+    def _init_state(self, group: dict[str, Any], p: Tensor, torch_fused: bool) -> None:
+        """Create the (empty) state of ``p``; ``torch_fused``: ``p`` goes through torch's fused kernel, which wants
+        the step counter on ``p``'s device (every other kernel reads it on the CPU)."""
         state = self.state[p]
         dtype = _state_dtype(p, group["state_dtype"])
         column_dtype = _column_state_dtype(p, group["state_dtype"])
-        step_device = p.device if torch_fused else _CPU
-        if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            if group["coupled"] and group["compact"]:
-                state["exp_avg_sq"] = self._zeros_column_state(p, column_dtype)
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = (
-                    self._zeros_column_state(p, column_dtype)
-                    if group["coupled"]
-                    else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                )
-        elif state["step"].device != step_device:
-            # the kernel choice changed since the state was made (or it was loaded): move the step counter
-            state["step"] = state["step"].to(step_device)
-        return state
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if torch_fused else _CPU)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if group["coupled"] and group["compact"]:
+            state["exp_avg_sq"] = self._zeros_column_state(p, column_dtype)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = (
+                self._zeros_column_state(p, column_dtype)
+                if group["coupled"]
+                else torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            )
 
     def _zeros_column_state(self, p: Tensor, dtype: torch.dtype) -> Tensor:
         shape = (1, *p.shape[1:])
@@ -266,21 +260,26 @@ class CoupledAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        batches = []
-        for index, group in enumerate(self.param_groups):
-            batches.append(self._collect(group, index))
+        batches = [self._collect(group, index) for index, group in enumerate(self.param_groups)]
 
         # Stage 1 (before anything is written): per-column gradient statistics of coupled tensors.
         # They feed the compact second moment and the non-finite check.
-        for group, batch in zip(self.param_groups, batches):
-            if group["coupled"]:
-                implementation = self._implementation(group)
-                batch["grad_sq_means"] = [
-                    self._grad_sq_column_mean(p, g, implementation, _column_state_dtype(p, group["state_dtype"]))
-                    for p, g in zip(batch["params"], batch["grads"])
-                ]
-                self._drop_stand_ins_nobody_needs(batch)
-        if self.nonfinite != "ignore" and not self._coupled_grads_finite(batches):
+        native = self._native_coupled(batches)
+        if native is not None:
+            # every coupled tensor takes the C++ CPU kernel, which also takes the statistics and passes the verdict
+            finite = self._native_coupled_step(native)
+        else:
+            for group, batch in zip(self.param_groups, batches):
+                if group["coupled"]:
+                    implementation = self._implementation(group)
+                    batch["grad_sq_means"] = [
+                        self._grad_sq_column_mean(p, g, implementation, _column_state_dtype(p, group["state_dtype"]))
+                        for p, g in zip(batch["params"], batch["grads"])
+                    ]
+                    if batch["dtensors"]:
+                        self._drop_stand_ins_nobody_needs(batch)
+            finite = self.nonfinite == "ignore" or self._coupled_grads_finite(batches)
+        if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     "CoupledAdam: non-finite gradient (inf/NaN) in a coupled tensor; the shared second moment "
@@ -298,9 +297,8 @@ class CoupledAdam(Optimizer):
 
         # Stage 2: the update, per group, with the chosen kernel.
         for group, batch in zip(self.param_groups, batches):
-            if not batch["params"]:
+            if not batch["params"] or (native is not None and group["coupled"]):
                 continue
-            beta1, beta2 = group["betas"]
             coupled_adam(
                 batch["params"],
                 batch["grads"],
@@ -309,34 +307,118 @@ class CoupledAdam(Optimizer):
                 batch["max_exp_avg_sqs"],
                 batch["steps"],
                 grad_sq_means=batch.get("grad_sq_means"),
-                column_means=batch.get("column_means"),
+                column_means=batch["column_means"],
                 coupled=group["coupled"],
-                compact=group["compact"],
-                amsgrad=group["amsgrad"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=_as_float(group["lr"]),
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                avg_scale=group["avg_scale"],
-                maximize=group["maximize"],
                 implementation=self._implementation(group),
                 torch_fused=batch["torch_fused"],
+                **_hyperparameters(group),
             )
         return loss
+
+    def _native_coupled(self, batches: list[dict[str, Any]]) -> list[tuple] | None:
+        """The coupled tensors of this step as ``(kernel, p, g, m, v, v_max, step, group)``, when every one of them
+        goes through the C++ CPU kernel (fused implementation, plain CPU tensors the kernel takes, the size policy
+        of ``_kernels.cpp_wanted``); None otherwise, and then all take the general path."""
+        native, policy = [], None
+        for group, batch in zip(self.param_groups, batches):
+            if not group["coupled"] or not batch["params"]:
+                continue
+            if batch["dtensors"] or self._implementation(group) != "fused":
+                return None
+            policy = policy or _kernels.read_policy()
+            compact, maximize = group["compact"], group["maximize"]
+            v_maxes = batch["max_exp_avg_sqs"] if group["amsgrad"] else [None] * len(batch["params"])
+            for p, g, m, v, v_max, step in zip(batch["params"], batch["grads"], batch["exp_avgs"],
+                                                batch["exp_avg_sqs"], v_maxes, batch["steps"]):
+                # (full mode: the float32 column mean of v that the kernel updates is taken right before it runs)
+                kernel = _kernels.cpp_wanted(p, policy) and _cpu_kernels.step_kernel(
+                    p, g, m, None if compact else v, step, v if compact else None, None, v_max, maximize=maximize)
+                if not kernel:
+                    return None
+                native.append((kernel, p, g, m, v, v_max, step, group))
+        return native
+
+    def _native_coupled_step(self, native: list[tuple]) -> bool:
+        """Step the coupled tensors of ``_native_coupled`` with the C++ kernel; False (nothing written) when the
+        non-finite check fails.
+
+        The largest tensor goes last, statistics, verdict and update in one call (its gradient is still in cache
+        when the update reads it again); the others' statistics are taken and checked before that.
+        """
+        if not native:
+            return True
+        check = self.nonfinite != "ignore"
+        *others, last = sorted(native, key=lambda item: item[1].numel()) if len(native) > 1 else native
+        means = [_kernels.column_sq_sum(g, torch.float32, divisor=g.shape[0]) for _, _, g, *_ in others]
+        if check and means and not math.isfinite(torch.stack([s.sum() for s in means]).sum().item()):
+            return False
+        if not _native_step(*last, grad_sq_mean=None, check_finite=check):
+            return False
+        for item, mean in zip(others, means):
+            _native_step(*item, grad_sq_mean=mean)
+        return True
 
     def _collect(self, group: dict[str, Any], index: int) -> dict[str, Any]:
         """The tensors of one group that step now, with their state (created on first use) and kernel route.
 
-        Runs for every param on every step, so it is kept lean: one pass, no per-param helper calls on the
-        common path (a plain tensor with a gradient and existing state).
+        Runs for every param on every step, so the common case (plain tensors, state already made) is a few list
+        comprehensions; row-sharded DTensors and first steps take the longer road.
         """
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, torch_fused, column_means = (
-            [] for _ in range(8))
         coupled, amsgrad, state_dtype = group["coupled"], group["amsgrad"], group["state_dtype"]
-        fused_kernel = not coupled and self._implementation(group) == "fused"
+        group_params = group["params"]
+        dtensors = any(map(_is_dtensor, group_params))
+        if dtensors:
+            params, grads, column_means = self._dtensor_params_and_grads(group, group_params)
+        else:
+            params = [p for p in group_params if p.grad is not None]
+            grads = [p.grad for p in params]
+            column_means = [None] * len(params)
+        if any(g.is_sparse for g in grads):
+            p = next(p for p, g in zip(params, grads) if g.is_sparse)
+            raise ValueError(
+                f"CoupledAdam does not support sparse gradients ({_param_label(group, p, index)}); "
+                "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
+            )
+        if coupled and any(p.dim() < 2 for p in params):
+            p = next(p for p in params if p.dim() < 2)
+            raise ValueError(
+                f"CoupledAdam: coupled {_param_label(group, p, index)} is {p.dim()}-D at step time: something "
+                "flattened it after the optimizer was built (DeepSpeed ZeRO, FSDP1 and XLA FSDP do). The rows "
+                "the coupled mean runs over are lost; use DDP or FSDP2 (fsdp_version: 2) instead."
+            )
+        # uncoupled params whose state has their own dtype go through torch's fused AdamW kernel
+        if not coupled and self._implementation(group) == "fused":
+            routes = [p.dtype in _TORCH_FUSED_DTYPES and (state_dtype is None or state_dtype == p.dtype)
+                      for p in params]
+        else:
+            routes = [False] * len(params)
         all_state = self.state
-        for p in group["params"]:
+        states = [all_state[p] for p in params]
+        for p, state, route in zip(params, states, routes):
+            if not state:
+                self._init_state(group, p, route)
+                continue
+            # the step counter lives on p's device for torch's fused kernel, on the CPU otherwise; the kernel
+            # choice may have changed since the state was made (or it was loaded)
+            step = state["step"]
+            if route and not p.is_cpu:
+                if step.device != p.device:
+                    state["step"] = step.to(p.device)
+            elif not step.is_cpu:
+                state["step"] = step.to(_CPU)
+        return dict(
+            params=params, grads=grads, exp_avgs=[s["exp_avg"] for s in states],
+            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            steps=[s["step"] for s in states], torch_fused=routes, column_means=column_means,
+            dtensors=dtensors,
+        )
+
+    def _dtensor_params_and_grads(self, group: dict[str, Any], group_params: list[Tensor]
+                                  ) -> tuple[list[Tensor], list[Tensor], list[Callable[[Tensor], Tensor] | None]]:
+        """``_collect``'s params, grads and column reducers for a group that holds DTensors (FSDP2)."""
+        params, grads, column_means = [], [], []
+        for p in group_params:
             grad = p.grad
             dtensor = _is_dtensor(p)
             if grad is None:
@@ -351,38 +433,10 @@ class CoupledAdam(Optimizer):
                 from .distributed import grad_with_param_layout
 
                 grad = grad_with_param_layout(p, grad)
-            if grad.is_sparse:
-                raise ValueError(
-                    f"CoupledAdam does not support sparse gradients ({_param_label(group, p, index)}); "
-                    "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
-                )
-            if coupled and p.dim() < 2:
-                raise ValueError(
-                    f"CoupledAdam: coupled {_param_label(group, p, index)} is {p.dim()}-D at step time: something "
-                    "flattened it after the optimizer was built (DeepSpeed ZeRO, FSDP1 and XLA FSDP do). The rows "
-                    "the coupled mean runs over are lost; use DDP or FSDP2 (fsdp_version: 2) instead."
-                )
-            # uncoupled params whose state has their own dtype go through torch's fused AdamW kernel
-            route = fused_kernel and p.dtype in _TORCH_FUSED_DTYPES and (state_dtype is None or state_dtype == p.dtype)
-            state = all_state[p]
-            if not state:
-                state = self._init_state(group, p, route)
-            else:
-                step_device = p.device if route else _CPU
-                if state["step"].device != step_device:
-                    # the kernel choice changed since the state was made (or it was loaded): move the step counter
-                    state["step"] = state["step"].to(step_device)
             params.append(p)
             grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsgrad:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
-            torch_fused.append(route)
             column_means.append(self._column_reducer(group, p) if dtensor else None)
-        return dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                    max_exp_avg_sqs=max_exp_avg_sqs, steps=steps, torch_fused=torch_fused, column_means=column_means)
+        return params, grads, column_means
 
     def _column_reducer(self, group: dict[str, Any], p: Tensor) -> Callable[[Tensor], Tensor] | None:
         """Reducer of a coupled tensor whose rows are split over ranks, else None.
@@ -561,6 +615,14 @@ def _as_float(value: float | Tensor) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's keyword arguments of ``coupled_adam``, other than the tensors and the kernel choice."""
+    beta1, beta2 = group["betas"]
+    return dict(compact=group["compact"], amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+                lr=_as_float(group["lr"]), weight_decay=group["weight_decay"], eps=group["eps"],
+                avg_scale=group["avg_scale"], maximize=group["maximize"])
+
+
 def _param_label(group: dict[str, Any], p: Tensor, index: int) -> str:
     names = group.get("param_names")
     if names:
@@ -678,28 +740,36 @@ def coupled_adam(
     # step eagerly); the multi-tensor ops trace, and the compiler fuses them itself.
     use_torch_fused = implementation == "fused" and not torch.compiler.is_compiling()
     if use_torch_fused and all(torch_fused):  # the common case, without index bookkeeping
-        fused_idx, other_idx = range(n), []
+        fused_idx, other_idx = None, []
     else:
         fused_idx = [i for i in range(n) if torch_fused[i]] if use_torch_fused else []
         taken = set(fused_idx)
         other_idx = [i for i in range(n) if i not in taken]
-    if fused_idx:
-        any_dtensor = any(_is_dtensor(p) for p in params)
-        pick = (lambda xs: [_local(xs[i]) for i in fused_idx]) if any_dtensor else (  # noqa: E731
-            lambda xs: [xs[i] for i in fused_idx])
-        _torch_adamw(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs) if amsgrad else [],
-            [state_steps[i] for i in fused_idx], fused=True, **hyper,
-        )
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps)
+    if fused_idx is None or fused_idx:
+        if fused_idx is not None:
+            lists = tuple([xs[i] for i in fused_idx] if xs else xs for xs in lists)
+        if any(map(_is_dtensor, lists[0])):
+            lists = tuple([_local(x) for x in xs] for xs in lists)
+        _torch_fused_adamw(*lists, **hyper)
     if other_idx:
-        pick = lambda xs: [xs[i] for i in other_idx]  # noqa: E731
+        ps, gs, ms, vs, vmaxs, steps = ([xs[i] for i in other_idx] if xs else xs for xs in lists)
         # half-precision params with float32 state, which torch's fused kernel cannot take: one compiled pass each
         # for large models (see _kernels.compile_wanted_for), else the multi-tensor ops
-        compiled = implementation == "fused" and _kernels.compile_wanted_for([_local(t) for t in pick(params)])
-        (_compiled_adamw if compiled else _multi_tensor_adamw)(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-            pick(max_exp_avg_sqs) if amsgrad else [], pick(state_steps), **hyper,
-        )
+        compiled = implementation == "fused" and _kernels.compile_wanted_for([_local(p) for p in ps])
+        (_compiled_adamw if compiled else _multi_tensor_adamw)(ps, gs, ms, vs, vmaxs, steps, **hyper)
+
+
+def _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1,
+                       beta2, lr, weight_decay, eps, maximize):
+    """torch's fused AdamW kernel, as ``torch.optim.AdamW(fused=True)`` runs it (same arguments, same numbers),
+    without the functional wrapper's per-call checks: on a small model those cost as much as the kernel."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps])
+    for (ps, gs, ms, vs, vmaxs, steps), _ in grouped.values():
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(ps, gs, ms, vs, vmaxs, steps, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, maximize=maximize)
 
 
 # --- reference: one tensor at a time, written to be read --------------------------------------------------
@@ -888,25 +958,16 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                                   [column_means[i]], **hyper)
             continue
         g, m, v, step = _local(grads[i]), _local(exp_avgs[i]), _local(exp_avg_sqs[i]), state_steps[i]
+        grad_sq_mean = _local(grad_sq_means[i])
+        v_col = _column_v(v, compact, column_means[i])
+        v_max = _local(max_exp_avg_sqs[i]) if amsgrad else None
+        if native and _cpu_kernels.coupled_step(
+                p, g, m, None if compact else v, v_col, v_max, step, grad_sq_mean=grad_sq_mean, lr=lr, beta1=beta1,
+                beta2=beta2, weight_decay=weight_decay, eps=eps, avg_scale=avg_scale, maximize=maximize):
+            continue
         step += 1
         bc1, bc2_sqrt = _bias_corrections(step.item(), beta1, beta2)
         decay, neg_step_size, v_scale = 1 - lr * weight_decay, -lr / bc1, avg_scale / (bc2_sqrt * bc2_sqrt)
-
-        grad_sq_mean = _local(grad_sq_means[i])
-        if compact:
-            v_col = v
-        else:
-            # v is updated inside the one pass below, so its new column mean comes from linearity:
-            # mean(b2 v + (1 - b2) g^2) = b2 mean(v) + (1 - b2) mean(g^2), one read of the old v
-            reducer = column_means[i]
-            column_dtype = torch.promote_types(v.dtype, torch.float32)
-            v_col = (reducer(_kernels.column_sum(v, column_dtype)) if reducer is not None
-                     else _kernels.column_sum(v, column_dtype, divisor=v.shape[0]))
-        v_max = _local(max_exp_avg_sqs[i]) if amsgrad else None
-        if native and _cpu_kernels.coupled_step(
-                p, g, m, None if compact else v, v_col, grad_sq_mean, v_max, decay=decay, beta1=beta1, beta2=beta2,
-                v_scale=v_scale, eps=eps, neg_step_size=neg_step_size, maximize=maximize):
-            continue
         v_col.mul_(beta2).add_(grad_sq_mean, alpha=1 - beta2)
         if amsgrad:
             torch.maximum(v_max, v_col, out=v_max)
@@ -914,6 +975,29 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
         denom = v_col.mul(v_scale).sqrt_().add_(eps)
         _kernels.coupled_update_(p, g, m, denom, decay=decay, beta1=beta1, neg_step_size=neg_step_size,
                                  maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=compiled)
+
+
+def _column_v(v: Tensor, compact: bool, reducer: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The ``vbar`` the one-pass kernels update in place: the compact state itself, or in full mode a float32 copy of
+    the old per-element v's column mean. (The pass updates v itself, so the new column mean follows by linearity:
+    mean(b2 v + (1 - b2) g^2) = b2 mean(v) + (1 - b2) mean(g^2), one read of the old v.)"""
+    if compact:
+        return v
+    column_dtype = torch.promote_types(v.dtype, torch.float32)
+    if reducer is not None:
+        return reducer(_kernels.column_sum(v, column_dtype))
+    return _kernels.column_sum(v, column_dtype, divisor=v.shape[0])
+
+
+def _native_step(kernel: Callable[..., Any], p: Tensor, g: Tensor, m: Tensor, v: Tensor, v_max: Tensor | None,
+                 step: Tensor, group: dict[str, Any], *, grad_sq_mean: Tensor | None, check_finite: bool = False) -> bool:
+    """One coupled tensor of ``CoupledAdam.step`` through its C++ kernel (see ``_cpu_kernels.coupled_step``)."""
+    compact = group["compact"]
+    beta1, beta2 = group["betas"]
+    return _cpu_kernels.run_step(
+        kernel, p, g, m, None if compact else v, _column_v(v, compact, None), v_max, step, grad_sq_mean=grad_sq_mean,
+        check_finite=check_finite, lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2,
+        weight_decay=group["weight_decay"], eps=group["eps"], avg_scale=group["avg_scale"])
 
 
 def _compiled_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1, beta2,

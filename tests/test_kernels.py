@@ -8,9 +8,11 @@ a few seconds per new graph, so the compiled tests are few and marked slow.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -46,15 +48,15 @@ def always_compile(request, monkeypatch):
     monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
     assert _cpu_kernels.available(), f"the C++ kernels failed to build: {_cpu_kernels._unavailable}"
     ran = []
-    real = _cpu_kernels.coupled_step
+    real = _cpu_kernels.run_step
 
     def spy(*args, **kwargs):
         ran.append(real(*args, **kwargs))
         return ran[-1]
 
-    monkeypatch.setattr(_cpu_kernels, "coupled_step", spy)
+    monkeypatch.setattr(_cpu_kernels, "run_step", spy)
     yield
-    assert ran and all(ran), "the C++ kernel did not take the coupled update"
+    assert ran, "the C++ kernel did not take the coupled update"
     assert _cpu_kernels.available(), f"the C++ kernels failed to build: {_cpu_kernels._unavailable}"
 
 
@@ -90,11 +92,12 @@ VECTOR_BODY_AND_TAIL = 77
     ((1000, 24), torch.float32),
     ((1000, VECTOR_BODY_AND_TAIL), torch.float32),
     ((70000, 3), torch.float32),    # several blocks of rows, the last one partial
+    ((300, 1100), torch.float32),   # wide rows: eight at a time, then the block's leftover rows one by one
     ((130, 3, 4), torch.bfloat16),  # >2-D coupled tensors reduce over dim 0 only; bf16 accumulates in fp32
     ((130, VECTOR_BODY_AND_TAIL), torch.bfloat16),
     ((130, VECTOR_BODY_AND_TAIL), torch.float16),
     ((0, 8), torch.float32),        # an empty shard
-], ids=["1000x24", "1000x77", "70000x3-blocks", "130x3x4-bf16", "130x77-bf16", "130x77-fp16", "empty"])
+], ids=["1000x24", "1000x77", "70000x3-blocks", "300x1100-wide", "130x3x4-bf16", "130x77-bf16", "130x77-fp16", "empty"])
 @pytest.mark.parametrize("kernel", ["cpp", "torch"])
 def test_column_sums_equal_float64_sums_over_rows(shape, dtype, kernel, monkeypatch):
     monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always" if kernel == "cpp" else "never")
@@ -419,6 +422,99 @@ def test_nonfinite_gradient_on_the_compiled_path_skips_the_step(always_compile):
     assert opt.skipped_steps == 1
     for got, want in zip(history[2], history[1]):
         assert torch.equal(got, want)
+
+
+def test_cpp_step_scalars_are_the_python_bias_corrections_rounded_once(monkeypatch):
+    """The C++ step computes 1 - b1^t, sqrt(1 - b2^t) and the other step scalars in double from the same double
+    hyperparameters and expressions as the Python paths, then rounds each to float32 once. Rows built so that p
+    ends up holding them: (p=0, g=m=1) gives the step per column, (p=1, g=m=0) the weight decay factor."""
+    lr, beta1, beta2, eps, weight_decay, avg_scale = 3e-3, 0.9, 0.95, 0.1, 0.01, 4.0
+    for t in (1, 2, 7):
+        p = torch.tensor([[0.0] * 3, [1.0] * 3])
+        g = torch.tensor([[1.0] * 3, [0.0] * 3])
+        m = g.clone()
+        v = torch.zeros(1, 3)  # vbar = (1 - b2) * mean(g^2) = (1 - b2) / 2, in float32
+        step = torch.tensor(float(t - 1))
+        assert _cpu_kernels.coupled_step(p, g, m, None, v, None, step, grad_sq_mean=torch.full((1, 3), 0.5),
+                                         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                                         avg_scale=avg_scale, maximize=False)
+        f32 = np.float32
+        bc1, bc2_sqrt = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
+        vbar = f32(0.5) * f32(1.0 - beta2)  # fma(0.5, c2, 0): exact product, one rounding either way
+        scale = f32(-lr / bc1) / (np.sqrt(vbar * f32(avg_scale / (bc2_sqrt * bc2_sqrt))) + f32(eps))
+        assert step.item() == t
+        assert v[0, 0].item() == vbar
+        assert p[0, 0].item() == scale, f"step {t}: the step per column differs from the float32 of the formula"
+        assert p[1, 0].item() == f32(1.0 - lr * weight_decay)
+
+
+def _two_coupled(policy="skip", **kwargs):
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(150, VECTOR_BODY_AND_TAIL, generator=gen).requires_grad_()
+    small = torch.randn(40, VECTOR_BODY_AND_TAIL, generator=gen).requires_grad_()
+    bias = torch.randn(5, generator=gen).requires_grad_()
+    # the smaller one first and in its own group: the C++ path reorders by size, groups keep their hyperparameters
+    opt = CoupledAdam([{"params": [small], "coupled": True, "lr": 5e-3, "weight_decay": 0.1},
+                       {"params": [big], "coupled": True}, {"params": [bias]}], lr=1e-2, nonfinite=policy,
+                      **kwargs)
+    return opt, [small, big, bias]
+
+
+def _step_with(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+
+
+def test_cpp_path_steps_several_coupled_tensors_as_the_reference_does(monkeypatch):
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
+    runs = []
+    real = _cpu_kernels.run_step
+
+    def spy(*args, grad_sq_mean, **kwargs):
+        runs.append(grad_sq_mean is None)
+        return real(*args, grad_sq_mean=grad_sq_mean, **kwargs)
+
+    monkeypatch.setattr(_cpu_kernels, "run_step", spy)
+    fast, fast_params = _two_coupled()
+    ref, ref_params = _two_coupled(**REFERENCE)
+    for seed in range(6):
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) for p in fast_params]
+        _step_with(fast, fast_params, grads)
+        _step_with(ref, ref_params, grads)
+    # per step: first the larger tensor, taking its own statistics; then the smaller one, with those taken before
+    assert runs == [True, False] * 6
+    for a, b in zip(fast_params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast.state.values(), ref.state.values()):
+        assert a["step"].item() == b["step"].item() == 6
+
+
+@pytest.mark.parametrize("bad", [0, 1], ids=["in-the-smaller", "in-the-larger"])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_cpp_path_checks_every_coupled_tensor_before_writing_any(bad, policy, monkeypatch):
+    """The larger tensor's kernel takes its statistics, checks them and updates in one call; the smaller ones are
+    checked before it runs. A NaN in either leaves every param and every state tensor as it was."""
+    monkeypatch.setenv("COUPLED_ADAM_COMPILE", "always")
+    opt, params = _two_coupled(policy)
+    for seed in range(2):
+        _step_with(opt, params, [torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) for p in params])
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict())
+    grads = [torch.randn(p.shape) for p in params]
+    grads[bad][7, 3] = float("nan")
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            _step_with(opt, params, grads)
+    else:
+        with pytest.warns(RuntimeWarning, match="skipped a step"):
+            _step_with(opt, params, grads)
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    after = opt.state_dict()["state"]
+    for index, state in state_before["state"].items():
+        assert state.keys() == after[index].keys()
+        assert all(torch.equal(after[index][key], value) for key, value in state.items())
 
 
 # ------------------------------------------------------------------------------------------- inside torch.compile
