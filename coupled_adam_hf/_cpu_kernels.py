@@ -4,13 +4,16 @@ Two loops carry a coupled step on CPU, and neither is a good fit for generated c
 
 - the per-column sum of ``g*g`` over rows (an *outer* reduction: inductor's C++ backend, torch's
   ``vector_norm(g, dim=0)`` and a blocked ``addcmul_`` loop all run well below the speed of reading ``g``);
-- the one-pass update ``m <- m + (1-b1)(g-m)``, ``p <- p*decay + m*step`` over ``[V, H]``, preceded inside the
-  same call by the ``[H]`` column arithmetic (second-moment EMA, AMSGrad maximum, the step per column): as torch
-  ops that is half a dozen tiny kernels, whose dispatch cost a small model's step more than the row pass saves.
+- the one-pass update ``m <- m + (1-b1)(g-m)``, ``p <- p*decay + m*step`` over ``[V, H]``, preceded by the ``[H]``
+  column arithmetic (second-moment EMA, AMSGrad maximum, the step per column): as torch ops that is half a dozen
+  tiny kernels, whose dispatch cost a small model's step more than the row pass saves.
 
-Here each is a plain OpenMP loop over rows with a vectorizable inner loop over columns. Column sums accumulate
-eight rows at a time in registers into fixed blocks of rows, and the blocks are combined in order: the result does
-not depend on the number of threads (a resumed run on another machine steps bit for bit the same).
+``coupled_step`` runs both in one call, with the non-finite verdict between them and the step counter and bias
+corrections before the update, so ``CoupledAdam.step`` makes a single call per coupled tensor: on a CPU whose caches
+the rest of the training step has just flushed, every Python function and torch op the step runs costs tens of
+microseconds. ``column_sum`` is the first loop alone. Each is a plain OpenMP loop over rows with a vectorizable inner
+loop over columns. Column sums go over fixed blocks of rows that are combined in order: the result does not depend
+on the number of threads (a resumed run on another machine steps bit for bit the same).
 
 The sources are compiled on first use by ``torch._inductor``'s ``CppPythonBindingsCodeCache`` (the compiler,
 flags, OpenMP and vector ISA that inductor's own CPU kernels use; about 2 s per variant, then cached on disk
@@ -402,9 +405,11 @@ def run_step(kernel: Callable[..., Any], param: Tensor, grad: Tensor, exp_avg: T
     """Run a kernel of ``step_kernel`` on the tensors it was chosen for (see ``coupled_step``)."""
     rows = param.shape[0]
     stats = 0 if grad_sq_mean is not None else (1 if check_finite else 2)
+    # (unused pointer arguments get a valid tensor: exp_avg for a compact v, column_v for the others)
     return kernel(param, grad, exp_avg, exp_avg if exp_avg_sq is None else exp_avg_sq, column_v,
-                  column_v if grad_sq_mean is None else grad_sq_mean, column_v if max_column_v is None else max_column_v,
-                  step, rows, param.numel() // rows, lr, beta1, beta2, weight_decay, eps, avg_scale, stats) == 1
+                  column_v if grad_sq_mean is None else grad_sq_mean,
+                  column_v if max_column_v is None else max_column_v, step, rows, param.numel() // rows, lr, beta1,
+                  beta2, weight_decay, eps, avg_scale, stats) == 1
 
 
 def _bool(value: bool) -> str:

@@ -12,7 +12,8 @@ column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwi
   half-precision param with float32 state (which torch's fused kernel cannot take). Each is the reference path's
   sequence of ops; compiled by ``torch.compile`` (inductor: vectorized C++ on CPU, Triton on CUDA) it becomes one
   pass over memory, run eagerly it is the fallback. On CPU the optimizer calls the hand-written C++ step of
-  ``_cpu_kernels`` instead (:func:`cpp_wanted`), which also does the ``[1, H]`` column arithmetic.
+  ``_cpu_kernels`` instead (:func:`cpp_wanted`), which also takes the column statistics and does the ``[1, H]``
+  column arithmetic.
 
 Which kernels run is decided per coupled tensor by :func:`cpp_wanted` (CPU) and :func:`compile_wanted`, and per
 set of uncoupled half-precision tensors by :func:`compile_wanted_for`, from two environment variables:

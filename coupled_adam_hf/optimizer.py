@@ -133,7 +133,8 @@ class CoupledAdam(Optimizer):
             in both storage modes.
         maximize: maximize the objective instead of minimizing it.
         foreach, fused: kernel choice as in torch. ``fused=True``: torch's fused AdamW kernel for uncoupled
-            tensors and a few-pass compact kernel for coupled ones. ``foreach=True``: multi-tensor ops.
+            tensors; for coupled ones a read of ``g`` for the column statistics and one update pass (on CPU one
+            C++ call per tensor, see the README's Performance section). ``foreach=True``: multi-tensor ops.
             ``foreach=False, fused=False``: the single-tensor reference. Default: fused where supported.
         nonfinite: what to do when a coupled tensor's gradient holds inf/NaN, which the shared mean would
             spread to every row of the affected columns. ``"skip"`` (default): leave all weights and state as
@@ -990,7 +991,8 @@ def _column_v(v: Tensor, compact: bool, reducer: Callable[[Tensor], Tensor] | No
 
 
 def _native_step(kernel: Callable[..., Any], p: Tensor, g: Tensor, m: Tensor, v: Tensor, v_max: Tensor | None,
-                 step: Tensor, group: dict[str, Any], *, grad_sq_mean: Tensor | None, check_finite: bool = False) -> bool:
+                 step: Tensor, group: dict[str, Any], *, grad_sq_mean: Tensor | None,
+                 check_finite: bool = False) -> bool:
     """One coupled tensor of ``CoupledAdam.step`` through its C++ kernel (see ``_cpu_kernels.coupled_step``)."""
     compact = group["compact"]
     beta1, beta2 = group["betas"]

@@ -418,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
         args.sets, args.dtypes = "small", "float32"
         args.steps, args.warmup = min(args.steps, 9), min(args.warmup, 2)
         args.contenders = args.contenders or ",".join(QUICK_CONTENDERS)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # (also the OpenMP threads of the C++ kernels: the same runtime)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -440,6 +438,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown contenders {sorted(unknown)}; choose from {[c.name for c in CONTENDERS]}")
         contenders = [c for c in CONTENDERS if c.name in wanted]
 
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # (also the OpenMP threads of the C++ kernels: the same runtime)
+    try:
+        return _run(sets, dtypes, contenders, args, device)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests do)
+
+
+def _run(sets: list[str], dtypes: list[torch.dtype], contenders: list[Contender], args: argparse.Namespace,
+         device: torch.device) -> int:
     machine = dict(
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
