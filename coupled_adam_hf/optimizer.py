@@ -349,7 +349,7 @@ class CoupledAdam(Optimizer):
         if not native:
             return True
         check = self.nonfinite != "ignore"
-        *others, last = sorted(native, key=lambda item: item[1].numel()) if len(native) > 1 else native
+        *others, last = sorted(native, key=lambda item: item[1].numel())
         means = [_kernels.column_sq_sum(g, torch.float32, divisor=g.shape[0]) for _, _, g, *_ in others]
         if check and means and not math.isfinite(torch.stack([s.sum() for s in means]).sum().item()):
             return False
