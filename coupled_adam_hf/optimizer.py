@@ -950,9 +950,10 @@ def _fused_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     """
     hyper = dict(compact=compact, avg_scale=avg_scale, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
                  weight_decay=weight_decay, eps=eps, maximize=maximize)
+    policy = _kernels.read_policy()  # (once per call, not per tensor and kernel)
     for i, param in enumerate(params):
         p = _local(param)
-        native, compiled = _kernels.cpp_wanted(p), _kernels.compile_wanted(p)
+        native, compiled = _kernels.cpp_wanted(p, policy), _kernels.compile_wanted(p, policy)
         if not (native or compiled):
             _multi_tensor_coupled([param], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]],
                                   [max_exp_avg_sqs[i]] if amsgrad else [], [state_steps[i]], [grad_sq_means[i]],
