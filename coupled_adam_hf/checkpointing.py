@@ -129,6 +129,8 @@ class AtomicCheckpointMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         self._carried_loss = self._read_carried_loss(resume_from_checkpoint)
+        if self.args.should_save:  # a save cut short by a crash; nothing reads it
+            shutil.rmtree(Path(self.args.output_dir) / PARTIAL_DIR, ignore_errors=True)
         self.warn_if_low_disk_space()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
