@@ -64,6 +64,7 @@ class OutputDirLock:
         self.folder = Path(folder)
         self.what = what
         self._lock: FileLock | None = None
+        self._created = False
 
     @property
     def held(self) -> bool:
@@ -74,15 +75,19 @@ class OutputDirLock:
             return self
         if self.folder.exists() and not self.folder.is_dir():
             raise UsageError(f"{self.folder} is not a directory: pass a folder as --output_dir")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.folder / LOCK_FILE), timeout=0)
+        self._created = not self.folder.exists()
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.folder / LOCK_FILE), timeout=0)
             lock.acquire()
         except Timeout:
             raise OutputDirBusyError(
                 f"{self.folder} is in use by another {self.what} ({_describe_holder(self.folder)}): wait for it to "
                 "finish or stop it, or pass another --output_dir"
             ) from None
+        except OSError as error:
+            raise UsageError(f"cannot write to {self.folder}: {error.strerror or error}: pass a writable "
+                             "--output_dir") from error
         self._lock = lock
         self._write_holder()
         return self
@@ -106,11 +111,15 @@ class OutputDirLock:
         if not self.held:
             return
         try:
-            (self.folder / HOLDER_FILE).unlink(missing_ok=True)
+                (self.folder / HOLDER_FILE).unlink(missing_ok=True)
         except OSError:
             pass
         self._lock.release()
         self._lock = None
+        if self._created and {p.name for p in self.folder.iterdir()} <= {LOCK_FILE}:
+            # a folder this run made and then wrote nothing into (it stopped at a check): leave no trace
+            (self.folder / LOCK_FILE).unlink(missing_ok=True)
+            self.folder.rmdir()
 
     def __enter__(self) -> OutputDirLock:
         return self.acquire()

@@ -26,7 +26,6 @@ last good checkpoint.
 from __future__ import annotations
 
 import enum
-import glob
 import json
 import logging
 import math
@@ -306,36 +305,6 @@ def parse_args(argv: list[str] | None = None):
     return tuple(arguments)
 
 
-_GLOB_CHARACTERS = set("*?[")
-
-
-def _check_local_file(flag: str, path: str) -> None:
-    if _GLOB_CHARACTERS & set(path):
-        if not glob.glob(path, recursive=True):
-            raise UsageError(f"{flag} {path!r} matches no file")
-        return
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r} is not a file")
-    if os.path.getsize(path) == 0 or _decompresses_to_nothing(flag, path):
-        raise UsageError(f"{flag} {path!r} is empty")
-
-
-def _decompresses_to_nothing(flag: str, path: str) -> bool:
-    import bz2
-    import gzip
-    import lzma
-
-    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    opener = openers.get(Path(path).suffix.lower())
-    if opener is None:
-        return False
-    try:
-        with opener(path, "rb") as handle:
-            return handle.read(1) == b""
-    except (OSError, EOFError, lzma.LZMAError) as error:
-        raise UsageError(f"{flag} {path!r} is not a valid {Path(path).suffix} file: {one_line(error)}") from error
 
 
 def _looks_local(name: str) -> bool:
@@ -353,7 +322,7 @@ def validate_arguments(model_args, data_args, training_args) -> None:
     if data_args.dataset_name is None or data_args.dataset_name in packaged_builders:
         for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
             if path is not None:
-                _check_local_file(flag, path)
+                lm_data.check_data_file(flag, path)
     elif _looks_local(data_args.dataset_name) and not os.path.exists(data_args.dataset_name):
         raise UsageError(f"--dataset_name {data_args.dataset_name!r}: no such folder")
 
