@@ -32,7 +32,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .cli import CLIError
 
-__all__ = ["AtomicCheckpointMixin", "CheckpointWriteError", "PARTIAL_DIR", "LOSS_STATE_FILE", "format_bytes"]
+__all__ = ["AtomicCheckpointMixin", "CheckpointWriteError", "LOSS_STATE_FILE", "PARTIAL_DIR", "format_bytes",
+           "free_bytes", "write_error_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
-def _free_bytes(folder: Path) -> int | None:
+def free_bytes(folder: Path) -> int | None:
     for candidate in (folder, *folder.parents):
         try:
             return shutil.disk_usage(candidate).free
@@ -78,7 +79,7 @@ def _free_bytes(folder: Path) -> int | None:
     return None
 
 
-def _write_error_reason(error: BaseException) -> str | None:
+def write_error_reason(error: BaseException) -> str | None:
     """The OS reason of a write failure, or None when ``error`` is not one (then it propagates unchanged)."""
     if isinstance(error, OSError):
         return error.strerror or errno.errorcode.get(error.errno or 0) or str(error)
@@ -119,7 +120,7 @@ class AtomicCheckpointMixin:
         if not self.args.should_save or self.args.save_strategy == "no":
             return
         run_dir = Path(self.args.output_dir)
-        free = _free_bytes(run_dir)
+        free = free_bytes(run_dir)
         needed = self.estimated_checkpoint_bytes()
         if free is not None and free < LOW_SPACE_CHECKPOINTS * needed:
             logger.warning(
@@ -192,7 +193,7 @@ class AtomicCheckpointMixin:
         except BaseException as error:
             if self.args.should_save:
                 shutil.rmtree(staged, ignore_errors=True)  # never leave half a checkpoint, not even hidden
-            reason = _write_error_reason(error)
+            reason = write_error_reason(error)
             if reason is None:
                 raise
             raise self._write_error(error, reason, staged, run_dir) from error
@@ -224,7 +225,7 @@ class AtomicCheckpointMixin:
 
     def _write_error(self, error: BaseException, reason: str, staged: Path, run_dir: Path) -> CheckpointWriteError:
         needed = self.estimated_checkpoint_bytes()
-        free = _free_bytes(run_dir)
+        free = free_bytes(run_dir)
         target = getattr(error, "filename", None) or (error.__cause__ and getattr(error.__cause__, "filename", None))
         what = f"{target}" if target else f"checkpoint-{self.state.global_step} in {run_dir}"
         previous = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
