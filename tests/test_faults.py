@@ -195,7 +195,7 @@ def test_the_lock_is_released_when_its_process_is_killed(tmp_path):
     folder = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from coupled_adam_hf.locking import OutputDirLock; "
-        f"OutputDirLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
+        f"lock = OutputDirLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     probe = [sys.executable, "-c", f"from coupled_adam_hf.locking import OutputDirLock; OutputDirLock({str(folder)!r}).acquire()"]
