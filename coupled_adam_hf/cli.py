@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CLIError", "UsageError", "one_line", "run_cli", "TRACEBACK_ENV"]
+__all__ = ["CLIError", "UsageError", "MissingInputError", "OutputExistsError", "one_line", "run_cli", "TRACEBACK_ENV"]
 
 #: Set to 1 to see where an error came from (the one-line message hides the traceback).
 TRACEBACK_ENV = "COUPLED_ADAM_HF_TRACEBACK"
@@ -57,6 +57,14 @@ class UsageError(CLIError, ValueError):
     """
 
     exit_code = 2
+
+
+class MissingInputError(UsageError, FileNotFoundError):
+    """An input file or folder that does not exist (also a ``FileNotFoundError``). Exit status 2."""
+
+
+class OutputExistsError(UsageError, FileExistsError):
+    """Results that a run would overwrite without being asked to (also a ``FileExistsError``). Exit status 2."""
 
 
 def one_line(error: BaseException | str) -> str:

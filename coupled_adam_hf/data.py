@@ -7,6 +7,11 @@ the evaluation scripts share.
 
 from __future__ import annotations
 
+import bz2
+import glob
+import gzip
+import lzma
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import MissingInputError, UsageError, one_line
+
 __all__ = [
     "EOS_TOKEN",
     "SHAKESPEARE_TRAIN",
     "SHAKESPEARE_VALIDATION",
     "CausalLMBlockCollator",
+    "check_data_file",
     "iter_texts",
     "load_raw_datasets",
     "text_column_of",
@@ -237,3 +245,32 @@ def token_counts(dataset, vocab_size: int, column: str = "input_ids", batch_size
                 raise ValueError(f"token id {int(ids.max())} is out of range for vocab_size={vocab_size}")
             counts += np.bincount(ids, minlength=vocab_size)
     return torch.from_numpy(counts)
+
+
+_GLOB_CHARACTERS = set("*?[")
+
+
+def check_data_file(flag: str, path: str) -> None:
+    """UsageError (exit status 2) unless ``path`` (or the glob pattern) names readable, non-empty data."""
+    if _GLOB_CHARACTERS & set(path):
+        if not glob.glob(path, recursive=True):
+            raise UsageError(f"{flag} {path!r} matches no file")
+        return
+    if not os.path.exists(path):
+        raise MissingInputError(f"{flag} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r} is not a file")
+    if os.path.getsize(path) == 0 or _decompresses_to_nothing(flag, path):
+        raise UsageError(f"{flag} {path!r} is empty")
+
+
+def _decompresses_to_nothing(flag: str, path: str) -> bool:
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    opener = openers.get(Path(path).suffix.lower())
+    if opener is None:
+        return False
+    try:
+        with opener(path, "rb") as handle:
+            return handle.read(1) == b""
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        raise UsageError(f"{flag} {path!r} is not a valid {Path(path).suffix} file: {one_line(error)}") from error

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["Window", "evaluate_perplexity", "model_context_length", "sliding_windows", "tokenize_text"]
+__all__ = ["Window", "config_context_length", "evaluate_perplexity", "model_context_length", "sliding_windows",
+           "tokenize_text"]
 
 DEFAULT_TEXT_SEPARATOR = "\n\n"
 
@@ -75,8 +76,11 @@ def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[W
 def model_context_length(model: nn.Module) -> int | None:
     """The longest sequence the model's config allows (``n_positions``, ``max_position_embeddings``, ...)."""
     config = getattr(model, "config", None)
-    if config is None:
-        return None
+    return None if config is None else config_context_length(config)
+
+
+def config_context_length(config: Any) -> int | None:
+    """The longest sequence a ``PretrainedConfig`` allows, from the keys architectures use for it."""
     get_text_config = getattr(config, "get_text_config", None)
     config = get_text_config() if get_text_config is not None else config
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):

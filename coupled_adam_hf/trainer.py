@@ -23,6 +23,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from .checkpointing import AtomicCheckpointMixin
 from .distributed import SUPPORTED_PARALLELISM, check_supported_parallelism
 from .optimizer import CoupledAdam
 from .partition import EmbeddingParameter, find_coupled_parameters, parse_targets, partition_parameters
@@ -61,7 +62,7 @@ def _isotropy_callback_class() -> type[TrainerCallback] | None:
     return EmbeddingIsotropyCallback
 
 
-class CoupledAdamTrainer(Trainer):
+class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
     """A ``Trainer`` that builds :class:`CoupledAdam` for ``args.optim == "coupled_adam"``.
 
     Args are those of ``Trainer``; the coupling options are read from

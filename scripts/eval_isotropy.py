@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from coupled_adam_hf.cli import UsageError, one_line, run_cli
+from coupled_adam_hf.cli import MissingInputError, OutputExistsError, UsageError, one_line, run_cli
+from coupled_adam_hf.locking import OutputDirLock
 from coupled_adam_hf.metrics import DEFAULT_TOP_K, ISO_SIGN_CONVENTION, embedding_metrics, read_token_counts
 
 logger = logging.getLogger("eval_isotropy")
@@ -95,26 +96,43 @@ def parse_arguments(argv: list[str] | None) -> IsotropyArguments:
 
 
 def validate(args: IsotropyArguments) -> list[str]:
-    """Labels per checkpoint; every argument checked before any model is loaded."""
+    """Labels per checkpoint; every argument checked before any model is loaded (UsageError: exit status 2)."""
     labels = args.labels or [Path(path.rstrip("/")).name or path for path in args.model_name_or_path]
     if len(labels) != len(args.model_name_or_path):
-        raise ValueError(f"--labels gives {len(labels)} names for {len(args.model_name_or_path)} checkpoints")
+        raise UsageError(f"--labels gives {len(labels)} names for {len(args.model_name_or_path)} checkpoints")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"checkpoint labels must be unique, got {labels}: pass --labels")
+        raise UsageError(f"checkpoint labels must be unique, got {labels}: pass --labels")
     unknown = sorted(set(args.matrices) - set(MATRIX_KINDS))
     if unknown:
-        raise ValueError(f"unknown --matrices {unknown}; choose among {', '.join(MATRIX_KINDS)}")
+        raise UsageError(f"unknown --matrices {unknown}; choose among {', '.join(MATRIX_KINDS)}")
     if args.token_counts_file and args.count_tokens_in:
-        raise ValueError("give --token_counts_file or --count_tokens_in, not both")
-    for path in args.count_tokens_in or []:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--count_tokens_in: {path!r} does not exist")
+        raise UsageError("give --token_counts_file or --count_tokens_in, not both")
+    for flag, paths in (("--token_counts_file", [args.token_counts_file] if args.token_counts_file else []),
+                        ("--count_tokens_in", args.count_tokens_in or [])):
+        for path in paths:
+            if not Path(path).is_file():
+                raise MissingInputError(f"{flag}: {path!r} does not exist")
     if args.top_k < 2:
-        raise ValueError(f"--top_k must be >= 2, got {args.top_k}")
-    results = Path(args.output_dir) / RESULTS_FILE
+        raise UsageError(f"--top_k must be >= 2, got {args.top_k}")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is not a directory")
+    results = output_dir / RESULTS_FILE
     if results.exists() and not args.overwrite_output_dir:
-        raise FileExistsError(f"{results} exists: pass --overwrite_output_dir to replace it, or another --output_dir")
+        raise OutputExistsError(f"{results} exists: pass --overwrite_output_dir to replace it, or another --output_dir")
     return labels
+
+
+def check_token_counts(counts: torch.Tensor, source: str, path: str, rows: int, tokenizer) -> None:
+    """Counts must cover the tokenizer and fit the embedding; only rows no tokenizer id reaches are padded."""
+    vocabulary = len(tokenizer) if tokenizer is not None else None
+    if counts.numel() > rows:
+        raise UsageError(f"{source} holds {counts.numel()} token counts, but the embedding of {path} has {rows} "
+                         "rows: count with this checkpoint's tokenizer")
+    if counts.numel() < (vocabulary if vocabulary is not None else rows):
+        what = f"its tokenizer has {vocabulary} tokens" if vocabulary is not None else f"its embedding has {rows} rows"
+        raise UsageError(f"{source} holds {counts.numel()} token counts, but {path}: {what}: count with this "
+                         "checkpoint's tokenizer (--count_tokens_in)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,6 +299,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(argv)
     labels = validate(args)
     device = resolve_device(args.device)
+    with OutputDirLock(args.output_dir, what="evaluation"):  # one evaluation per folder
+        return evaluate(args, labels, device)
+
+
+def evaluate(args: IsotropyArguments, labels: list[str], device: torch.device) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
 
     shared_counts = read_token_counts(args.token_counts_file) if args.token_counts_file else None
@@ -298,12 +321,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, tokenizer = load_checkpoint(path, args)
         matrices = embedding_matrices(model, args.matrices)
         if not matrices:
-            raise ValueError(f"{path!r} ({type(model).__name__}) has none of the embeddings {args.matrices}")
+            raise UsageError(f"{path!r} ({type(model).__name__}) has none of the embeddings {args.matrices}")
         vocabulary_rows = next((m["weight"].shape[0] for k, m in matrices.items() if k in VOCABULARY_KINDS), None)
         counts, counts_source = shared_counts, args.token_counts_file
+        if shared_counts is not None and vocabulary_rows is not None:
+            check_token_counts(shared_counts, f"--token_counts_file {args.token_counts_file}", path, vocabulary_rows,
+                               tokenizer)
         if args.count_tokens_in and vocabulary_rows is not None:
             if tokenizer is None:
-                raise ValueError(f"{path!r} has no tokenizer to count tokens with: pass --token_counts_file")
+                raise UsageError(f"{path!r} has no tokenizer to count tokens with: pass --token_counts_file")
             fingerprint = tokenizer_fingerprint(tokenizer)
             if fingerprint not in counts_by_tokenizer:
                 counts_by_tokenizer[fingerprint] = count_tokens(tokenizer, args.count_tokens_in, vocabulary_rows,

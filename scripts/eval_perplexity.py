@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
-from coupled_adam_hf.cli import UsageError, one_line, run_cli
-from coupled_adam_hf.perplexity import DEFAULT_TEXT_SEPARATOR, evaluate_perplexity, tokenize_text
+from coupled_adam_hf.cli import OutputExistsError, UsageError, one_line, run_cli
+from coupled_adam_hf.data import check_data_file
+from coupled_adam_hf.locking import OutputDirLock
+from coupled_adam_hf.perplexity import DEFAULT_TEXT_SEPARATOR, config_context_length, evaluate_perplexity, tokenize_text
 
 logger = logging.getLogger("eval_perplexity")
 
@@ -92,17 +94,51 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
 
 
 def validate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> None:
+    """Every argument checked before the text or a model is loaded (UsageError: exit status 2)."""
     if (data_args.validation_file is None) == (data_args.dataset_name is None):
-        raise ValueError("give exactly one of --validation_file or --dataset_name")
-    if data_args.validation_file is not None and not Path(data_args.validation_file).is_file():
-        raise FileNotFoundError(f"--validation_file {data_args.validation_file!r} does not exist")
+        raise UsageError("give exactly one of --validation_file or --dataset_name")
+    if data_args.validation_file is not None:
+        check_data_file("--validation_file", data_args.validation_file)
     if run_args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {run_args.batch_size}")
+        raise UsageError(f"--batch_size must be >= 1, got {run_args.batch_size}")
     if data_args.max_eval_tokens is not None and data_args.max_eval_tokens < 2:
-        raise ValueError(f"--max_eval_tokens must be >= 2, got {data_args.max_eval_tokens}")
-    results = Path(run_args.output_dir) / RESULTS_FILE
+        raise UsageError(f"--max_eval_tokens must be >= 2, got {data_args.max_eval_tokens}")
+    if run_args.context_length is not None and run_args.context_length < 2:
+        raise UsageError(f"--context_length must be >= 2, got {run_args.context_length}")
+    if run_args.stride is not None and run_args.stride < 1:
+        raise UsageError(f"--stride must be >= 1, got {run_args.stride}")
+    if None not in (run_args.stride, run_args.context_length) and run_args.stride > run_args.context_length:
+        raise UsageError(f"--stride {run_args.stride} is larger than --context_length {run_args.context_length}: "
+                         "windows would skip tokens")
+    output_dir = Path(run_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is not a directory")
+    results = output_dir / RESULTS_FILE
     if results.exists() and not run_args.overwrite_output_dir:
-        raise FileExistsError(f"{results} exists: pass --overwrite_output_dir to replace it, or another --output_dir")
+        raise OutputExistsError(f"{results} exists: pass --overwrite_output_dir to replace it, or another --output_dir")
+
+
+def check_against_model_config(model_args: ModelArguments, run_args: PerplexityArguments) -> None:
+    """Context and stride against the checkpoint's config, read before its weights are."""
+    from transformers import AutoConfig
+
+    from coupled_adam_hf.reliability import model_folder_problem
+
+    path = model_args.model_name_or_path
+    problem = model_folder_problem(path) if Path(path).is_dir() or path.startswith((".", "/", "~")) else None
+    if problem:
+        raise UsageError(f"cannot load {path!r}: {problem}")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=model_args.revision,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except Exception as error:
+        raise UsageError(f"cannot load {path!r}: {one_line(error)}") from error
+    limit = config_context_length(config)
+    if run_args.context_length is not None and limit is not None and run_args.context_length > limit:
+        raise UsageError(f"--context_length {run_args.context_length} exceeds the model's maximum of {limit} "
+                         "positions")
+    if run_args.context_length is None and run_args.stride is not None and limit is not None and run_args.stride > limit:
+        raise UsageError(f"--stride {run_args.stride} is larger than the model's context of {limit} tokens")
 
 
 def load_texts(data_args: DataArguments) -> tuple[list[str], str]:
@@ -127,7 +163,7 @@ def load_texts(data_args: DataArguments) -> tuple[list[str], str]:
                          "pass --text_column")
     texts = [text for text in dataset[column] if text]
     if not texts:
-        raise ValueError(f"{description} holds no text")
+        raise UsageError(f"{description} holds no text")
     return texts, description
 
 
@@ -159,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns what it writes to ``perplexity.json``."""
     model_args, data_args, run_args = parse_arguments(argv)
     validate(model_args, data_args, run_args)
+    check_against_model_config(model_args, run_args)
+    with OutputDirLock(run_args.output_dir, what="evaluation"):  # one evaluation per folder
+        return evaluate(model_args, data_args, run_args)
+
+
+def evaluate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> dict[str, Any]:
     texts, description = load_texts(data_args)
     model, tokenizer = load_model_and_tokenizer(model_args)
 

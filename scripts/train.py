@@ -25,8 +25,8 @@ last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import glob
 import json
 import logging
 import math
@@ -45,7 +45,10 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from coupled_adam_hf import data as lm_data
+from coupled_adam_hf.checkpointing import CheckpointWriteError, format_bytes, free_bytes, write_error_reason
 from coupled_adam_hf.cli import CLIError, UsageError, one_line, run_cli
+from coupled_adam_hf.locking import OutputDirLock
+from coupled_adam_hf.partition import find_coupled_parameters, parse_targets
 from coupled_adam_hf.reliability import (
     NonFiniteTrainingError,
     SaveOnSignalCallback,
@@ -56,7 +59,7 @@ from coupled_adam_hf.reliability import (
     model_folder_problem,
 )
 from coupled_adam_hf.trainer import CoupledAdamTrainer
-from coupled_adam_hf.training_args import CoupledAdamTrainingArguments
+from coupled_adam_hf.training_args import COUPLED_ADAM, CoupledAdamTrainingArguments
 
 logger = logging.getLogger("coupled_adam_hf.train")
 
@@ -178,8 +181,9 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     except (ValueError, yaml.YAMLError) as error:  # json.JSONDecodeError is a ValueError
         kind = "JSON" if str(path).endswith(".json") else "YAML"
         raise UsageError(f"recipe {path} is not valid {kind}: {one_line(error)}") from error
-    if recipe is None:
-        return {}
+    if recipe is None or recipe == {}:
+        raise UsageError(f"recipe {path} is empty: give the arguments of a run in it (see recipes/ for examples), "
+                         "or leave the recipe out and pass flags")
     if not isinstance(recipe, dict):
         raise UsageError(f"recipe {path} must be a mapping of argument names to values, got {type(recipe).__name__}")
     not_names = [key for key in recipe if not isinstance(key, str)]
@@ -306,36 +310,6 @@ def parse_args(argv: list[str] | None = None):
     return tuple(arguments)
 
 
-_GLOB_CHARACTERS = set("*?[")
-
-
-def _check_local_file(flag: str, path: str) -> None:
-    if _GLOB_CHARACTERS & set(path):
-        if not glob.glob(path, recursive=True):
-            raise UsageError(f"{flag} {path!r} matches no file")
-        return
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r} is not a file")
-    if os.path.getsize(path) == 0 or _decompresses_to_nothing(flag, path):
-        raise UsageError(f"{flag} {path!r} is empty")
-
-
-def _decompresses_to_nothing(flag: str, path: str) -> bool:
-    import bz2
-    import gzip
-    import lzma
-
-    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-    opener = openers.get(Path(path).suffix.lower())
-    if opener is None:
-        return False
-    try:
-        with opener(path, "rb") as handle:
-            return handle.read(1) == b""
-    except (OSError, EOFError, lzma.LZMAError) as error:
-        raise UsageError(f"{flag} {path!r} is not a valid {Path(path).suffix} file: {one_line(error)}") from error
 
 
 def _looks_local(name: str) -> bool:
@@ -353,7 +327,7 @@ def validate_arguments(model_args, data_args, training_args) -> None:
     if data_args.dataset_name is None or data_args.dataset_name in packaged_builders:
         for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
             if path is not None:
-                _check_local_file(flag, path)
+                lm_data.check_data_file(flag, path)
     elif _looks_local(data_args.dataset_name) and not os.path.exists(data_args.dataset_name):
         raise UsageError(f"--dataset_name {data_args.dataset_name!r}: no such folder")
 
@@ -367,6 +341,8 @@ def validate_arguments(model_args, data_args, training_args) -> None:
                 raise UsageError(f"{flag} {name!r} is not a usable model folder: {problem}")
         elif _looks_local(name):
             raise UsageError(f"{flag} {name!r}: no such folder")
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise UsageError(f"--output_dir {training_args.output_dir} is not a directory")
     tokenizer_name = model_args.tokenizer_name
     if tokenizer_name is not None and not os.path.exists(tokenizer_name) and _looks_local(tokenizer_name):
         raise UsageError(f"--tokenizer_name {tokenizer_name!r}: no such folder or file")
@@ -453,7 +429,7 @@ def setup_logging(training_args: CoupledAdamTrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def resolve_checkpoint(training_args: CoupledAdamTrainingArguments) -> str | None:
+def resolve_checkpoint(training_args: CoupledAdamTrainingArguments, *, log: bool = True) -> str | None:
     """``--resume_from_checkpoint``: a checkpoint folder, or ``true``/``last`` for the newest complete one in
     output_dir (newer ones that a crash left incomplete are skipped with a warning). UsageError if there is none or
     the folder is not a complete checkpoint."""
@@ -462,7 +438,7 @@ def resolve_checkpoint(training_args: CoupledAdamTrainingArguments) -> str | Non
         return None
     if str(value).lower() in ("true", "last"):
         last, skipped = find_resumable_checkpoint(training_args.output_dir)
-        for path, problem in skipped:
+        for path, problem in skipped if log else ():
             logger.warning(f"Skipping {path}: {problem}")
         if last is None:
             found = f" (incomplete: {', '.join(Path(p).name for p, _ in skipped)})" if skipped else ""
@@ -486,8 +462,11 @@ STALE_RESULT_FILES = ("trainer_state.json", "train_results.json", "eval_results.
                       "embedding_results.json")
 
 
-def prepare_output_dir(training_args: CoupledAdamTrainingArguments) -> str | None:
+def prepare_output_dir(training_args: CoupledAdamTrainingArguments, *, delete_stale: bool = True) -> str | None:
     """The checkpoint to resume from (None: train from scratch), deciding what to do with ``--output_dir``.
+
+    With ``delete_stale=False`` nothing is deleted and nothing logged: the decision alone, to check it before
+    anything is written (``main`` decides again, logging, once it holds the folder's lock).
 
     - ``--resume_from_checkpoint PATH|last``: that checkpoint (checked).
     - ``--overwrite_output_dir``: from scratch; the old run's checkpoints and result files are deleted.
@@ -500,7 +479,7 @@ def prepare_output_dir(training_args: CoupledAdamTrainingArguments) -> str | Non
     resume_asked = value is not None and str(value).lower() not in ("", "false", "none")
     if training_args.do_train and resume_asked and training_args.overwrite_output_dir:
         raise UsageError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: give one of them")
-    explicit = resolve_checkpoint(training_args)
+    explicit = resolve_checkpoint(training_args, log=delete_stale)
     if not training_args.do_train or explicit is not None:
         return explicit
     output_dir = Path(training_args.output_dir)
@@ -509,7 +488,7 @@ def prepare_output_dir(training_args: CoupledAdamTrainingArguments) -> str | Non
     if not held:
         return None
     if training_args.overwrite_output_dir:
-        if training_args.should_save:  # the process that saves; the others wait in main_process_first
+        if training_args.should_save and delete_stale:  # the process that saves; the others don't delete
             stale = checkpoints + [output_dir / n for n in STALE_RESULT_FILES if (output_dir / n).exists()]
             logger.warning(f"--overwrite_output_dir: deleting {', '.join(p.name for p in stale) or 'nothing'} in "
                            f"{output_dir} and training from scratch")
@@ -523,17 +502,18 @@ def prepare_output_dir(training_args: CoupledAdamTrainingArguments) -> str | Non
             "another --output_dir"
         )
     checkpoint, skipped = find_resumable_checkpoint(output_dir)
-    for path, problem in skipped:
+    for path, problem in skipped if delete_stale else ():
         logger.warning(f"Skipping {path}: {problem}")
     if checkpoint is None:
         raise UsageError(
             f"{output_dir} already holds a run ({', '.join(held[:4])}) but no complete checkpoint to resume from: "
             "pass --overwrite_output_dir to start over, or another --output_dir"
         )
-    logger.warning(
-        f"{output_dir} holds an unfinished run: resuming from {checkpoint}. Pass --overwrite_output_dir to start "
-        "over instead."
-    )
+    if delete_stale:
+        logger.warning(
+            f"{output_dir} holds an unfinished run: resuming from {checkpoint}. Pass --overwrite_output_dir to "
+            "start over instead."
+        )
     return checkpoint
 
 
@@ -554,21 +534,32 @@ def build_tokenizer(model_args, data_args, training_args, raw_datasets, checkpoi
     if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
         # the tokenizer this run was trained with
         return _load("tokenizer of checkpoint", checkpoint, AutoTokenizer.from_pretrained, checkpoint)
-    # Train one on the training text: each node's main process trains (deterministic) and saves it, the other
-    # processes load what it saved.
-    with training_args.main_process_first(local=True, desc="training the tokenizer"):
-        if training_args.local_process_index == 0:
-            train_split = raw_datasets["train"]
-            logger.info(f"Training a byte-level BPE tokenizer ({model_args.tokenizer_vocab_size} tokens) on the "
-                        f"training text ({len(train_split)} rows)")
-            tokenizer = lm_data.train_tokenizer(
-                lm_data.iter_texts(train_split, data_args.text_column_name),
-                model_args.tokenizer_vocab_size,
-                model_max_length=data_args.block_size or 1024,
-            )
-            tokenizer.save_pretrained(training_args.output_dir)
-            return tokenizer
+    # Train one on the training text. Each node's main process trains it (main() saves it once every check has
+    # passed); the other processes, which main() lets in only after that, load what it saved.
+    if training_args.local_process_index != 0:
         return AutoTokenizer.from_pretrained(training_args.output_dir)
+    train_split = raw_datasets["train"]
+    logger.info(f"Training a byte-level BPE tokenizer ({model_args.tokenizer_vocab_size} tokens) on the "
+                f"training text ({len(train_split)} rows)")
+    tokenizer = lm_data.train_tokenizer(
+        lm_data.iter_texts(train_split, data_args.text_column_name),
+        model_args.tokenizer_vocab_size,
+        model_max_length=data_args.block_size or 1024,
+    )
+    tokenizer.trained_by_this_run = True
+    return tokenizer
+
+
+def check_coupled_targets(model, training_args) -> None:
+    """Resolve --coupled_targets on the built model before anything is written (UsageError lists its embeddings)."""
+    uses_groups = training_args.optim == COUPLED_ADAM or training_args.baseline_grouping
+    targets = parse_targets(training_args.coupled_targets)
+    if not uses_groups or not targets:
+        return
+    try:
+        find_coupled_parameters(model, targets)
+    except ValueError as error:
+        raise UsageError(f"--coupled_targets {training_args.coupled_targets!r}: {one_line(error)}") from error
 
 
 def build_model(model_args, tokenizer):
@@ -680,26 +671,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"optim {getattr(training_args.optim, 'value', training_args.optim)}"
     )
     logger.info(f"Training arguments: {training_args}")
-    with training_args.main_process_first(desc="checking the output folder"):
-        checkpoint = prepare_output_dir(training_args)
+    # Decide what to do with --output_dir (refusals come here, before anything is read or written).
+    checkpoint = prepare_output_dir(training_args, delete_stale=False)
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="loading the data"):
         raw_datasets = load_data(model_args, data_args)
-    os.makedirs(training_args.output_dir, exist_ok=True)
-    tokenizer = build_tokenizer(model_args, data_args, training_args, raw_datasets, checkpoint)
-    model = build_model(model_args, tokenizer)
-    if checkpoint is not None:
-        mismatches = checkpoint_shape_mismatches(checkpoint, model)
-        if mismatches:
-            raise UsageError(
-                f"{checkpoint} does not fit the model built from these arguments ({'; '.join(mismatches[:2])}): "
-                "the model or tokenizer arguments changed since that run. Use that run's arguments, or "
-                "--overwrite_output_dir / another --output_dir to start a new one"
-            )
-    block_size = default_block_size(model, tokenizer, data_args.block_size)
 
-    with training_args.main_process_first(desc="tokenizing and grouping"):
+    # Tokenizer and model, and every check that needs them. Each node's main process goes first and, once all
+    # checks passed, takes the folder (one run per output folder), applies --overwrite_output_dir and saves the
+    # tokenizer it trained; the other processes then load that tokenizer.
+    run_lock = OutputDirLock(training_args.output_dir, what="training run")
+    with training_args.main_process_first(local=True, desc="building the tokenizer and the model"):
+        tokenizer = build_tokenizer(model_args, data_args, training_args, raw_datasets, checkpoint)
+        model = build_model(model_args, tokenizer)
+        if checkpoint is not None:
+            mismatches = checkpoint_shape_mismatches(checkpoint, model)
+            if mismatches:
+                raise UsageError(
+                    f"{checkpoint} does not fit the model built from these arguments ({'; '.join(mismatches[:2])}): "
+                    "the model or tokenizer arguments changed since that run. Use that run's arguments, or "
+                    "--overwrite_output_dir / another --output_dir to start a new one"
+                )
+        block_size = default_block_size(model, tokenizer, data_args.block_size)
+        check_coupled_targets(model, training_args)
         try:
             lm_datasets = lm_data.tokenize_and_group(
                 raw_datasets, tokenizer, block_size, text_column=data_args.text_column_name,
@@ -708,6 +703,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
         except ValueError as error:  # too little text for one block, a missing text column
             raise UsageError(one_line(error)) from error
+        if training_args.should_save:
+            run_lock.acquire()  # exit 2 at once if another run holds the folder
+            checkpoint = prepare_output_dir(training_args)  # again, now that no other run can change the folder
+        if getattr(tokenizer, "trained_by_this_run", False):
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            tokenizer.save_pretrained(training_args.output_dir)
+    try:
+        return _train_and_evaluate(data_args, training_args, tokenizer, model, lm_datasets, block_size, checkpoint)
+    finally:
+        run_lock.release()
+
+
+@contextlib.contextmanager
+def final_writes(output_dir: str):
+    """A write error after training (full disk, quota, read-only) as one line naming the intact checkpoint."""
+    try:
+        yield
+    except Exception as error:
+        reason = write_error_reason(error)
+        if reason is None:
+            raise
+        last, _ = find_resumable_checkpoint(output_dir)
+        free = free_bytes(Path(output_dir))
+        kept = (f"the last checkpoint {last} is intact: free some space and run the same command again to resume "
+                "from it") if last else "no checkpoint was saved"
+        space = f" ({format_bytes(free)} free)" if free is not None else ""
+        raise CheckpointWriteError(f"could not write the trained model and results to {output_dir}{space}: "
+                                   f"{reason}; {kept}") from error
+
+
+def _train_and_evaluate(data_args, training_args, tokenizer, model, lm_datasets, block_size,
+                        checkpoint) -> dict[str, float]:
     train_dataset, eval_dataset = lm_datasets["train"], lm_datasets["validation"]
     if data_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
@@ -745,13 +772,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"{trainer.state.max_steps}: saved {saved}; run the same command again to resume from it",
                 exit_code=128 + on_signal.received,
             )
-        trainer.save_model()  # also saves the tokenizer
         metrics = dict(train_result.metrics)
         metrics["train_samples"] = len(train_dataset)
         metrics["train_world_size"] = training_args.world_size
         trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        with final_writes(training_args.output_dir):
+            trainer.save_model()  # also saves the tokenizer
+            trainer.save_metrics("train", metrics)  # written after the model: its presence means "finished"
+            trainer.save_state()
         results.update(metrics)
         if data_args.embedding_metrics and trainer.is_world_process_zero():
             embedding = embedding_results(trainer.model, train_dataset)

@@ -215,3 +215,61 @@ def test_eval_perplexity_command_line(workspace, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bits per byte" in done.stdout
     assert json.loads((tmp_path / "perplexity.json").read_text())["tokens_scored"] > 0
+
+
+# -------------------------------------------------------------------------------------------- bad input
+def test_eval_scripts_check_every_argument_before_loading_a_model_and_write_nothing(workspace, tmp_path, monkeypatch):
+    from coupled_adam_hf.cli import UsageError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(eval_perplexity, "load_model_and_tokenizer", no_model)
+    valid, out = workspace["root"] / "valid.txt", tmp_path / "out"
+    base = ["--model_name_or_path", str(workspace["tied"]), "--validation_file", str(valid), "--output_dir", str(out)]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = {
+        "--stride must be >= 1": ["--stride", "0"],
+        "--stride 40 is larger than --context_length 32": ["--context_length", "32", "--stride", "40"],
+        "--context_length 100 exceeds the model's maximum of 64 positions": ["--context_length", "100"],
+        "--stride 80 is larger than the model's context of 64 tokens": ["--stride", "80"],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(UsageError, match=message) as caught:
+            eval_perplexity.main(base + extra)
+        assert caught.value.exit_code == 2
+    with pytest.raises(UsageError, match="is empty"):
+        eval_perplexity.main(["--model_name_or_path", str(workspace["tied"]), "--validation_file", str(empty),
+                              "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_not_a_directory_exit_2(workspace, tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("keep me")
+    for name, extra in (("eval_isotropy", []),
+                        ("eval_perplexity", ["--validation_file", str(workspace["root"] / "valid.txt")])):
+        done = run_script(name, "--model_name_or_path", str(workspace["tied"]), *extra, "--output_dir", str(afile))
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == f"{name}.py: error: --output_dir {afile} is not a directory"
+    assert afile.read_text() == "keep me"
+
+
+def test_token_counts_that_do_not_fit_the_checkpoint_are_refused_naming_both_lengths(workspace, tmp_path):
+    from coupled_adam_hf.cli import UsageError
+
+    for length, words in ((10, "holds 10 token counts, but .* its tokenizer has 300 tokens"),
+                          (400, "holds 400 token counts, but the embedding of .* has 300 rows")):
+        counts = tmp_path / f"counts{length}.json"
+        counts.write_text(json.dumps(list(range(length))))
+        with pytest.raises(UsageError, match=words):
+            eval_isotropy.main(["--model_name_or_path", str(workspace["tied"]), "--no_plots", "--token_counts_file",
+                                str(counts), "--output_dir", str(tmp_path / f"iso{length}")])
+        assert not (tmp_path / f"iso{length}").exists()
+
+
+def test_a_missing_token_counts_file_is_refused_before_loading(workspace, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--token_counts_file: .* does not exist"):
+        eval_isotropy.main(["--model_name_or_path", str(workspace["tied"]), "--token_counts_file",
+                            str(tmp_path / "nope.json"), "--output_dir", str(tmp_path / "x")])
