@@ -184,8 +184,9 @@ class CoupledAdam(Optimizer):
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r}; choose one of {_NONFINITE_POLICIES}")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=coupled, update=update, avg_scale=avg_scale,
-            compact=compact, state_dtype=state_dtype, amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=coupled, update=update,
+            avg_scale=avg_scale, compact=compact, state_dtype=state_dtype, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, fused=fused,
         )
         self.nonfinite = nonfinite
         self.skipped_steps = 0

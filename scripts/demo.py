@@ -85,11 +85,13 @@ class DemoArguments:
     overwrite: bool = field(default=False, metadata={"help": "Start over in a non-empty --output_dir."})
     max_steps: int | None = field(default=None, metadata={"help": "Override the number of training steps."})
     study: str | None = field(
-        default=None, metadata={"help": "Run one of the paper's studies instead: avg_scale, embedding_sgd, seeds, length "
-                                "(writes <output_dir>/<study>/report.md, results.json and figures)."}
+        default=None,
+        metadata={"help": "Run one of the paper's studies instead: avg_scale, embedding_sgd, seeds, length "
+                          "(writes <output_dir>/<study>/report.md, results.json and figures)."},
     )
     seeds: int | None = field(
-        default=None, metadata={"help": "With --study: repeat every run with seeds 1..N (default 3 for seeds, else 1)."}
+        default=None,
+        metadata={"help": "With --study: repeat every run with seeds 1..N (default 3 for seeds, else 1)."},
     )
     eval_max_tokens: int | None = field(
         default=None, metadata={"help": "Score at most this many validation tokens for perplexity (default: all)."}
