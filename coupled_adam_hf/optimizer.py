@@ -26,9 +26,12 @@ _TORCH_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float
 _CPU = torch.device("cpu")
 _NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
+# Per-group update rules: "adam" (AdamW, coupled or not) and "sgd" (plain SGD, momentum 0: the paper's §6.2
+# ablation trains the embeddings with SGD at f x the base learning rate, every other parameter with AdamW).
+_UPDATE_RULES = ("adam", "sgd")
 # Param-group keys that describe how state is laid out, not hyperparameters: load_state_dict keeps the values this
 # optimizer was built with and converts the loaded state to them.
-_STRUCTURAL_KEYS = ("coupled", "compact", "state_dtype")
+_STRUCTURAL_KEYS = ("coupled", "update", "compact", "state_dtype")
 
 # Group keys this optimizer owns, with their defaults. ``coupled``/``avg_scale``/``compact`` are the coupling;
 # the rest mirror torch.optim.AdamW.
@@ -38,6 +41,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "eps": 1e-8,
     "weight_decay": 1e-2,
     "coupled": False,
+    "update": "adam",
     "avg_scale": 1.0,
     "compact": True,
     "state_dtype": None,
@@ -121,6 +125,10 @@ class CoupledAdam(Optimizer):
         eps: added to the denominator, outside the square root, after bias correction.
         weight_decay: decoupled (AdamW) weight decay coefficient.
         coupled: couple the second moment over dim 0. Coupled tensors need at least 2 dims.
+        update: the group's update rule: ``"adam"`` (default; AdamW, coupled when ``coupled``) or ``"sgd"``:
+            plain SGD without momentum, ``p <- p - lr * (g + weight_decay * p)`` exactly as ``torch.optim.SGD``
+            with ``momentum=0`` (no state; the paper's §6.2 ablation, with the group's ``lr`` = f x the base
+            lr, so a scheduler that scales every group's ``initial_lr`` schedules it too). Not with ``coupled``.
         avg_scale: the paper's scaled variant: :math:`\bar v` is multiplied by ``s``, so the step of a coupled
             tensor shrinks by :math:`1/\sqrt{s}` when ``eps`` is negligible.
         compact: store the coupled second moment as one value per column (default) instead of per element.
@@ -163,6 +171,7 @@ class CoupledAdam(Optimizer):
         weight_decay: float = 1e-2,
         *,
         coupled: bool = False,
+        update: str = "adam",
         avg_scale: float = 1.0,
         compact: bool = True,
         state_dtype: torch.dtype | str | None = None,
@@ -175,8 +184,9 @@ class CoupledAdam(Optimizer):
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r}; choose one of {_NONFINITE_POLICIES}")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=coupled, avg_scale=avg_scale,
-            compact=compact, state_dtype=state_dtype, amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=coupled, update=update,
+            avg_scale=avg_scale, compact=compact, state_dtype=state_dtype, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, fused=fused,
         )
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -261,7 +271,8 @@ class CoupledAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        batches = [self._collect(group, index) for index, group in enumerate(self.param_groups)]
+        batches = [self._collect(group, index) if group["update"] == "adam" else dict(_EMPTY_BATCH)
+                   for index, group in enumerate(self.param_groups)]
 
         # Stage 1 (before anything is written): per-column gradient statistics of coupled tensors.
         # They feed the compact second moment and the non-finite check.
@@ -298,6 +309,9 @@ class CoupledAdam(Optimizer):
 
         # Stage 2: the update, per group, with the chosen kernel.
         for group, batch in zip(self.param_groups, batches):
+            if group["update"] == "sgd":  # after the non-finite verdict, so a skipped step skips it too
+                _sgd_step(group)
+                continue
             if not batch["params"] or (native is not None and group["coupled"]):
                 continue
             coupled_adam(
@@ -634,7 +648,27 @@ def _param_label(group: dict[str, Any], p: Tensor, index: int) -> str:
     return f"parameter {position} of group {index} (shape {list(p.shape)})"
 
 
+_EMPTY_BATCH: dict[str, Any] = dict(params=[], grads=[], exp_avgs=[], exp_avg_sqs=[], max_exp_avg_sqs=[], steps=[],
+                                    torch_fused=[], column_means=[], dtensors=False, grad_sq_means=[])
+
+
+def _sgd_step(group: dict[str, Any]) -> None:
+    """``torch.optim.SGD``'s update with ``momentum=0``, ``dampening=0``, ``nesterov=False``, one tensor at a time."""
+    lr, weight_decay = _as_float(group["lr"]), group["weight_decay"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        grad = -p.grad if group["maximize"] else p.grad
+        if weight_decay != 0:
+            grad = grad.add(p, alpha=weight_decay)
+        p.add_(grad, alpha=-lr)
+
+
 def _validate_group(group: dict[str, Any], index: int) -> None:
+    if group["update"] not in _UPDATE_RULES:
+        raise ValueError(f"Invalid update rule: {group['update']!r} (group {index}); choose one of {_UPDATE_RULES}")
+    if group["update"] == "sgd" and group["coupled"]:
+        raise ValueError(f"update='sgd' has no second moment to couple (group {index}): set coupled=False")
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:

@@ -197,8 +197,17 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
     def _create_coupled_adam(self, model: nn.Module) -> CoupledAdam:
         args = self.args
         extra = args.coupled_adam_optim_kwargs() if hasattr(args, "coupled_adam_optim_kwargs") else {}
+        groups = self.coupled_param_groups(model, coupled=True)
+        update, factor = self._option("coupled_update", "adam"), self._option("coupled_lr_factor", 1.0)
+        for group in groups:
+            if group.get("coupled"):
+                # the paper's §6.2 ablation: SGD on the embeddings at factor x lr; Trainer's scheduler scales every
+                # group's initial_lr, so this group is warmed up and decayed like the others
+                group["lr"] = factor * args.learning_rate
+                if update == "sgd":
+                    group.update(coupled=False, update="sgd")
         return CoupledAdam(
-            self.coupled_param_groups(model, coupled=True),
+            groups,
             lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,

@@ -81,6 +81,21 @@ class CoupledAdamTrainingArguments(TrainingArguments):
             "embedding step shrinks by 1/sqrt(factor). 1.0 is plain Coupled Adam."
         },
     )
+    coupled_update: Literal["adam", "sgd"] = field(
+        default="adam",
+        metadata={
+            "help": "Update rule of the --coupled_targets group with optim=coupled_adam: 'adam' (Coupled Adam) or "
+            "'sgd' (plain SGD, momentum 0, at --coupled_lr_factor x --learning_rate; every other parameter AdamW, "
+            "in one optimizer: the paper's §6.2 ablation)."
+        },
+    )
+    coupled_lr_factor: float = field(
+        default=1.0,
+        metadata={
+            "help": "The --coupled_targets group's learning rate is this factor x --learning_rate (scheduled like "
+            "every group). The paper's SGD ablation uses 100 ... 600 with --coupled_update sgd."
+        },
+    )
     coupled_compact_state: bool = field(
         default=True,
         metadata={
@@ -165,6 +180,13 @@ class CoupledAdamTrainingArguments(TrainingArguments):
             raise ValueError(f"--coupled_weight_decay must be >= 0, got {self.coupled_weight_decay}")
         if not self.coupled_avg_scale > 0.0:
             raise ValueError(f"--coupled_avg_scale must be > 0, got {self.coupled_avg_scale}")
+        if self.coupled_update not in ("adam", "sgd"):
+            raise ValueError(f"--coupled_update must be adam or sgd, got {self.coupled_update!r}")
+        if not (self.coupled_lr_factor > 0.0 and self.coupled_lr_factor < float("inf")):
+            raise ValueError(f"--coupled_lr_factor must be a finite number > 0, got {self.coupled_lr_factor}")
+        if (self.coupled_update != "adam" or self.coupled_lr_factor != 1.0) and not self.uses_coupled_adam:
+            raise ValueError("--coupled_update and --coupled_lr_factor need --optim coupled_adam (the update rule is "
+                             f"a param group of CoupledAdam); got --optim {getattr(self.optim, 'value', self.optim)}")
         if self.coupled_nonfinite not in ("skip", "raise", "ignore"):
             raise ValueError(f"--coupled_nonfinite must be skip, raise or ignore, got {self.coupled_nonfinite!r}")
         if self.max_grad_value is not None and not self.max_grad_value > 0.0:

@@ -4,6 +4,7 @@
     python scripts/demo.py                       # ~10 minutes on 2 CPU cores: quickstart recipes, 400 steps each
     python scripts/demo.py --long                # a bigger model trained longer (about an hour on 2 cores)
     python scripts/demo.py --family              # add SGD, SGD+momentum, Nesterov, Adagrad and RMSprop runs
+    python scripts/demo.py --study avg_scale     # a study of the paper: avg_scale, embedding_sgd, seeds, length
     python scripts/demo.py --reuse               # keep finished runs/evaluations, redo only what is missing
 
 The two main runs go through the real pipeline: ``scripts/train.py`` with ``recipes/quickstart-adamw.yaml`` and
@@ -31,7 +32,7 @@ from transformers import HfArgumentParser
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, too
 
-from coupled_adam_hf import plotting  # noqa: E402
+from coupled_adam_hf import plotting, studies  # noqa: E402
 from coupled_adam_hf.cli import CLIError, UsageError, run_cli  # noqa: E402
 from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION  # noqa: E402
 
@@ -83,6 +84,15 @@ class DemoArguments:
     reuse: bool = field(default=False, metadata={"help": "Keep finished runs and evaluations in --output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Start over in a non-empty --output_dir."})
     max_steps: int | None = field(default=None, metadata={"help": "Override the number of training steps."})
+    study: str | None = field(
+        default=None,
+        metadata={"help": "Run one of the paper's studies instead: avg_scale, embedding_sgd, seeds, length "
+                          "(writes <output_dir>/<study>/report.md, results.json and figures)."},
+    )
+    seeds: int | None = field(
+        default=None,
+        metadata={"help": "With --study: repeat every run with seeds 1..N (default 3 for seeds, else 1)."},
+    )
     eval_max_tokens: int | None = field(
         default=None, metadata={"help": "Score at most this many validation tokens for perplexity (default: all)."}
     )
@@ -106,6 +116,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def trained_steps(run_dir: Path) -> int:
+    """The optimizer steps a finished run took, from its own trainer_state.json."""
+    return int(read_json(run_dir / "trainer_state.json")["global_step"])
+
+
 def finished(run_dir: Path) -> bool:
     return (run_dir / "all_results.json").is_file() and (run_dir / "model.safetensors").is_file()
 
@@ -115,9 +130,11 @@ def train(run: Run, out: Path, args: DemoArguments) -> Path:
     if args.reuse and finished(run_dir):
         print(f"\n==> reusing the finished run {run_dir}")
         return run_dir
-    command = [sys.executable, "scripts/train.py", run.recipe, *run.overrides]
+    command = [sys.executable, "scripts/train.py", run.recipe, *([] if args.study else run.overrides)]
     if args.long:
         command += LONG_OVERRIDES
+    if args.study:
+        command += run.overrides  # a study's own settings (its --max_steps too) win over --long's
     if args.max_steps is not None:
         command += ["--max_steps", str(args.max_steps)]
     command += ["--output_dir", str(run_dir), "--log_level", "warning", "--report_to", "none"]
@@ -213,13 +230,13 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         if (isotropy_dir / name).is_file():
             shutil.copyfile(isotropy_dir / name, report_dir / name)
             figures.append(name)
-    first = read_json(run_dirs[runs[0].name] / "all_results.json")
+    steps = sorted({trained_steps(run_dirs[r.name]) for r in runs})
     setting = "long (4 x 256, 8k vocab)" if args.long else "quickstart (4 x 128, 4k vocab)"
     load = os.getloadavg()
     lines = [
         "# Coupled Adam vs AdamW on Shakespeare",
         "",
-        f"Setting: {setting}; {first.get('train_steps', args.max_steps or '?')} steps per run; "
+        f"Setting: {setting}; {' / '.join(map(str, steps))} steps per run; "
         "GPT-2 with tied token embedding/LM head and learned positions; byte-level BPE trained on the training "
         "plays; validation on three held-out plays (Macbeth, Twelfth Night, Julius Caesar). Same seed, data order, "
         "schedule (warmup, cosine to lr/10), clipping 1.0 and param groups; embedding weight decay 0.",
@@ -266,8 +283,65 @@ def check_output_dir(out: Path, args: DemoArguments) -> None:
         shutil.rmtree(out)
 
 
+def run_study(args: DemoArguments) -> list[dict[str, Any]]:
+    """Train and evaluate every run of ``args.study``; write its report.md, results.json and figure."""
+    start = time.time()
+    base_steps = args.max_steps or (1600 if args.long else 400)
+    runs = studies.plan_study(args.study, seeds=args.seeds or (3 if args.study == "seeds" else 1),
+                              max_steps=base_steps)
+    out = Path(args.output_dir) / args.study
+    check_output_dir(out, args)
+    study_args = DemoArguments(**{**vars(args), "max_steps": None})  # each run carries its own --max_steps
+    results = []
+    for index, run in enumerate(runs, 1):
+        elapsed = time.time() - start
+        rest = f", about {elapsed / (index - 1) * (len(runs) - index + 1) / 60:.1f} min to go" if index > 1 else ""
+        print(f"\n==> {args.study}: run {index} of {len(runs)} ({run.name}); {elapsed / 60:.1f} min so far{rest}",
+              flush=True)
+        run_dir = train(Run(run.name, run.label, run.recipe, run.overrides), out, study_args)
+        isotropy_file = out / "eval" / run.name / "isotropy.json"
+        if not (args.reuse and isotropy_file.is_file()
+                and isotropy_file.stat().st_mtime >= (run_dir / "model.safetensors").stat().st_mtime):
+            run_step(f"embedding isotropy of {run.name}", [
+                sys.executable, "scripts/eval_isotropy.py", "--model_name_or_path", str(run_dir),
+                "--labels", run.name, "--matrices", "token", "--no_plots",
+                "--output_dir", str(isotropy_file.parent), "--overwrite_output_dir", "true",
+            ])
+        matrices = read_json(isotropy_file)["checkpoints"][run.name]["matrices"]
+        token = matrices.get("token") or next(iter(matrices.values()))
+        all_results = read_json(run_dir / "all_results.json")
+        results.append({"name": run.name, "label": run.label,
+                        "settings": {**run.settings, "max_steps": trained_steps(run_dir)},
+                        "eval_loss": all_results.get("eval_loss"), "iso": token.get("iso"),
+                        "mean_norm_ratio": token.get("mean_norm_ratio"), "run_dir": str(run_dir)})
+    figure = studies.study_figure(args.study, studies.aggregate(results), out / f"{args.study}.png")
+    load = os.getloadavg()
+    seconds = time.time() - start
+    header = (f"Setting: {'long (4 x 256, 8k vocab)' if args.long else 'quickstart (4 x 128, 4k vocab)'}; "
+              f"base length {base_steps} steps; seeds {sorted({r['settings']['seed'] for r in results})}; "
+              f"eval loss on the held-out validation split, Iso and ‖mu‖^r of the token embedding "
+              f"(scripts/eval_isotropy.py). {len(runs)} runs, wall time {seconds / 60:.1f} min, load average at "
+              f"the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(studies.study_report(args.study, results, header=header,
+                                                        figures=[figure.name]))
+    print("\n" + studies.markdown_table(studies.aggregate(results)))
+    print(f"\nReport: {out / 'report.md'}. Took {seconds / 60:.1f} min.")
+    return results
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    if args.study is not None and args.study not in studies.STUDIES:
+        raise DemoError(f"unknown --study {args.study!r}; choose one of {', '.join(studies.STUDIES)}")
+    if args.seeds is not None and args.seeds < 1:
+        raise DemoError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise DemoError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.study is not None:
+        if args.family:
+            raise DemoError("--family and --study do not combine: run them one after the other")
+        return run_study(args)
     start = time.time()
     out = Path(args.output_dir)
     check_output_dir(out, args)

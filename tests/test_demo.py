@@ -49,6 +49,10 @@ def test_demo_trains_both_runs_evaluates_them_and_writes_the_report(tmp_path):
     report = out / "report" / "report.md"
     text = report.read_text()
     assert "| Coupled Adam |" in text and "| AdamW |" in text
+    # the header states the runs' own step count (it read "? steps per run" on a fresh run)
+    steps = {json.loads((out / "runs" / n / "trainer_state.json").read_text())["global_step"]
+             for n in ("adamw", "coupled_adam")}
+    assert steps == {3} and "; 3 steps per run;" in text
     for figure in ("training_curves.png", "spectrum_token.png", "projection_token.png", "norm_vs_frequency_token.png"):
         assert (out / "report" / figure).stat().st_size > 1000
         assert f"]({figure})" in text
