@@ -20,6 +20,13 @@ step, relative to the fastest probe. On a shared machine the
 ratio of the fastest steps ("x (min)") estimates the undisturbed ratio; the median of the pair ratios shows what a
 loaded machine gives.
 
+Two protocols (``--protocol``, default both, each with its own pairs and spread): ``warm`` times steps back to
+back (a step starts with the caches holding the tail of the previous optimizer step; the bandwidth probe is timed
+in its own block after the pairs, so that no pair follows it), ``cold`` runs an untimed pass over ``--flush-mib`` of
+other memory before every timed step, as in training, where forward and backward run between two optimizer steps
+and evict its data (and code) from the caches. On a CPU the two can differ by a few percent of a ratio: the cold
+protocol charges every Python function and small torch op a step touches with its cache misses.
+
 Bytes model (per parameter element; P, G, S = bytes of a param, grad, state element): AdamW reads p, g, m, v and
 writes p, m, v: 2P + G + 4S (28 for fp32). A compact coupled tensor: one read of g for the column statistics, then
 one pass reading p, g, m and writing p, m: 2P + 2G + 2S (24). Full-state coupled: also v, and one read of the old v
@@ -280,6 +287,7 @@ class Result:
     round: int
     steps: int
     loadavg: list[float] = field(default_factory=list)
+    protocol: str = "warm"  # "warm": steps back to back; "cold": a cache-flushing pass before every timed step
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -294,8 +302,19 @@ def stream_probe(device: torch.device, numel: int) -> Callable[[], object]:
     return lambda: a.add_(b)
 
 
+PROTOCOLS = ("warm", "cold")
+
+
+def cache_flush(device: torch.device, mib: int) -> Callable[[], object]:
+    """An untimed pass over ``mib`` MiB of other memory (several times the last-level cache): what the forward
+    and backward passes do to the caches between two optimizer steps of a training run."""
+    buffer = torch.zeros(max(1, mib << 18), device=device)
+    return lambda: buffer.add_(1.0)
+
+
 def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup: int, device: torch.device,
-              stream_numel: int, round_index: int) -> list[Result]:
+              stream_numel: int, round_index: int, protocols: tuple[str, ...] = ("warm",),
+              flush_mib: int = 256) -> list[Result]:
     optimizers = {}
     first_step = {}
     for c in contenders:
@@ -308,12 +327,32 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
     stream = stream_probe(device, stream_numel)
     for _ in range(2):
         stream()
-    names = [c.name for c in contenders if c.name != BASELINE] + ["_stream"]
-    times: dict[str, list[float]] = {n: [] for n in [BASELINE, *names]}
+    flush = cache_flush(device, flush_mib) if "cold" in protocols else None
+    adamw_state = state_bytes(optimizers[BASELINE])
+    results = []
+    for protocol in protocols:
+        times, ratios = _time_pairs(contenders, optimizers, stream, flush if protocol == "cold" else None, steps,
+                                    device)
+        results += _results(ps, contenders, optimizers, times, ratios, first_step, adamw_state, stream_numel,
+                            round_index, steps, protocol)
+    del optimizers
+    gc.collect()
+    return results
+
+
+def _time_pairs(contenders: list[Contender], optimizers: dict, stream: Callable[[], object],
+                flush: Callable[[], object] | None, steps: int, device: torch.device):
+    """Step times of every contender and of the baseline beside it, and the pair ratios. ``flush`` (the cold
+    protocol) runs untimed before every timed step and probe; without it (warm) the probe is timed after the pairs,
+    so that every timed optimizer step follows another optimizer step."""
+    names = [c.name for c in contenders if c.name != BASELINE] + (["_stream"] if flush is not None else [])
+    times: dict[str, list[float]] = {n: [] for n in [BASELINE, *names, "_stream"]}
     ratios: dict[str, list[float]] = {c.name: [] for c in contenders}
     by_name = {c.name: c for c in contenders}
 
     def step_of(name: str) -> float:
+        if flush is not None:
+            flush()
         if name == "_stream":
             return _timed(stream, device)
         with mock.patch.dict(os.environ, by_name[name].env):
@@ -321,7 +360,7 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
 
     # Every contender is timed right beside a fused AdamW step (alternately before and after it), so each ratio
     # compares two steps taken under the same load; the contender order rotates from turn to turn.
-    for turn in range(steps):
+    for turn in range(steps if names else 0):
         shift = turn % len(names)
         for n in names[shift:] + names[:shift]:
             pair = (BASELINE, n) if turn % 2 == 0 else (n, BASELINE)
@@ -330,9 +369,18 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
             times[BASELINE].append(measured[BASELINE])
             if n in ratios:
                 ratios[n].append(measured[n] / measured[BASELINE])
+    if not names:  # the baseline alone
+        times[BASELINE] = [step_of(BASELINE) for _ in range(steps)]
+    if flush is None:
+        times["_stream"] = [_timed(stream, device) for _ in range(steps)]
     ratios[BASELINE] = [1.0]
+    return times, ratios
+
+
+def _results(ps: ParameterSet, contenders: list[Contender], optimizers: dict, times: dict, ratios: dict,
+             first_step: dict, adamw_state: int, stream_numel: int, round_index: int, steps: int,
+             protocol: str) -> list[Result]:
     load = list(os.getloadavg())
-    adamw_state = state_bytes(optimizers[BASELINE])
     stream_s = min(times["_stream"])  # bandwidths from the fastest (least disturbed) runs
     stream_gb_s = 3 * stream_numel * 4 / stream_s / 1e9
     coupled_numel = sum(p.numel() for p, c in zip(ps.params, ps.coupled) if c)
@@ -350,9 +398,8 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
             ratio_of_minimums=min(times[c.name]) / min(times[BASELINE]), first_step_s=first_step[c.name],
             state_bytes=sbytes, state_ratio_to_adamw=sbytes / adamw_state if adamw_state else float("nan"),
             traffic_bytes=traffic, achieved_gb_s=achieved, stream_gb_s=stream_gb_s,
-            bandwidth_fraction=achieved / stream_gb_s, round=round_index, steps=steps, loadavg=load))
-    del optimizers
-    gc.collect()
+            bandwidth_fraction=achieved / stream_gb_s, round=round_index, steps=steps, loadavg=load,
+            protocol=protocol))
     return results
 
 
@@ -368,7 +415,7 @@ def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, de
     results = []
     for index, round_contenders in enumerate(rounds):
         results += run_round(ps, round_contenders, args.steps, args.warmup, device,
-                             args.stream_mib * (1 << 20) // 4, index)
+                             args.stream_mib * (1 << 20) // 4, index, _protocols(args.protocol), args.flush_mib)
     kept = results  # the baseline has a row per round: each round's ratios refer to its own baseline
     print_table(kept)
     del ps
@@ -376,19 +423,24 @@ def run_set(name: str, dtype: torch.dtype, contenders: list[Contender], args, de
     return kept
 
 
+def _protocols(choice: str) -> tuple[str, ...]:
+    return PROTOCOLS if choice == "both" else (choice,)
+
+
 def print_table(results: list[Result]) -> None:
-    header = (f"{'contender':24s} {'rnd':>3s} {'ms':>8s} {'x fused':>8s} {'(IQR)':>13s} {'min ms':>8s} {'x (min)':>8s} "
+    header = (f"{'contender':24s} {'proto':>5s} {'rnd':>3s} {'ms':>8s} {'x fused':>8s} {'(IQR)':>13s} {'min ms':>8s} {'x (min)':>8s} "
               f"{'1st s':>6s} {'state MiB':>10s} {'x state':>8s} {'GB/s':>6s} {'bw %':>5s} {'load1':>6s}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.contender:24s} {r.round + 1:3d} {r.median_ms:8.1f} {r.ratio_to_fused_adamw:8.3f} "
+        print(f"{r.contender:24s} {r.protocol:>5s} {r.round + 1:3d} {r.median_ms:8.1f} {r.ratio_to_fused_adamw:8.3f} "
               f"{f'({r.ratio_q1:.2f}-{r.ratio_q3:.2f})':>13s} {r.min_ms:8.1f} {r.ratio_of_minimums:8.3f} "
               f"{r.first_step_s:6.2f} "
               f"{r.state_bytes / 2**20:10.1f} {r.state_ratio_to_adamw:8.3f} {r.achieved_gb_s:6.1f} "
               f"{100 * r.bandwidth_fraction:5.0f} {r.loadavg[0]:6.2f}", flush=True)
-    stream = {r.round: r.stream_gb_s for r in results}
-    print("in-place stream bandwidth (the floor) per round: " + ", ".join(f"{v:.1f} GB/s" for v in stream.values()))
+    stream = {(r.round, r.protocol): r.stream_gb_s for r in results}
+    print("in-place stream bandwidth (the floor) per round: "
+          + ", ".join(f"{v:.1f} GB/s ({protocol})" for (_, protocol), v in stream.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C++ kernels (default: torch's, i.e. OMP_NUM_THREADS)")
     parser.add_argument("--stream-mib", type=int, default=256, help="buffer size of the bandwidth probe (a += b)")
+    parser.add_argument("--protocol", default="both", choices=("warm", "cold", "both"),
+                        help="warm: steps back to back; cold: a cache-flushing pass before every timed step, as in "
+                        "training; both (default): each with its own pairs and spread")
+    parser.add_argument("--flush-mib", type=int, default=256,
+                        help="memory the cold protocol's flushing pass sweeps (several times the last-level cache)")
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="share of available memory that optimizer states of one round may use")
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="explicit state budget per round")
