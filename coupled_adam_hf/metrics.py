@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -243,6 +244,39 @@ def _matrix_metrics(matrix: Tensor, weights: Tensor | None = None, *, gram: Tens
     centered = {"iso": iso_c, "iso_both_signs": iso_c_both, "avg_cosine": _average_cosine(matrix, mean, weights)}
     centered.update(_spectrum_metrics(centered_values, min(effective_rows - 1, dim)))
     metrics.update({f"centered/{key}": value for key, value in centered.items()})
+    return _settle_degenerate(metrics, matrix, mean)
+
+
+#: What a metric reads for a matrix without the directions it measures (see :func:`_settle_degenerate`).
+_NO_SPREAD_VALUES = ("avg_cosine", "isoscore", "effective_rank", "explained_variance_top1",
+                     "explained_variance_top10", "kappa", "mean_norm_ratio")
+
+
+def _settle_degenerate(metrics: dict[str, float], matrix: Tensor, mean: Tensor) -> dict[str, float]:
+    """Documented values instead of 0/0 for degenerate matrices, with a warning that says why.
+
+    - every row zero: there are no directions. ``mean_norm_ratio``, ``avg_cosine``, ``isoscore``,
+      ``effective_rank``, ``explained_variance_top*`` and ``kappa`` (raw and centered) are 0; ``iso`` is 1 (every
+      direction gives ``Z(c) = V``, so the formula's value is exact, but it says nothing about isotropy).
+    - every row the same (one distinct row, e.g. an embedding that was never trained apart from a shared shift):
+      the centered matrix is zero, so the ``centered/...`` spread metrics and ``isoscore`` are 0.
+    Rows that are constant across the hidden dims (rank 1) need no special value, but get the same warning.
+    """
+    scale = float(matrix.abs().max()) if matrix.numel() else 0.0
+    if scale == 0.0:
+        why, keys = "every row is zero", [*_NO_SPREAD_VALUES, *(f"centered/{k}" for k in _NO_SPREAD_VALUES)]
+    elif float((matrix - mean).abs().max()) <= 1e-12 * scale:
+        why, keys = "every row is the same vector", ["isoscore", *(f"centered/{k}" for k in _NO_SPREAD_VALUES)]
+    elif metrics.get("explained_variance_top1", 0.0) >= 1.0 - 1e-9:
+        why, keys = "the rows span one direction (rank 1)", []
+    else:
+        return metrics
+    warnings.warn(f"embedding metrics of a degenerate {list(matrix.shape)} matrix: {why}; ratios that would be "
+                  "0/0 are reported as 0 and Iso is at an extreme (see embedding_metrics' docstring)",
+                  RuntimeWarning, stacklevel=3)
+    for key in keys:
+        if key in metrics and not math.isfinite(metrics[key]):
+            metrics[key] = 0.0
     return metrics
 
 
@@ -266,6 +300,9 @@ def embedding_metrics(
     Keys without counts: ``iso``, ``iso_both_signs``, ``mean_norm``, ``mean_row_norm``, ``mean_norm_ratio``,
     ``avg_cosine``, ``isoscore``, ``effective_rank``, ``explained_variance_top1``, ``explained_variance_top10``,
     ``kappa``, ``sigma_max``, ``rows``, ``dim`` and ``centered/...`` variants.
+
+    Degenerate matrices (all rows zero, all rows equal, rank 1) give a ``RuntimeWarning`` saying which, and the
+    values documented in :func:`_settle_degenerate` (0 for ratios that would be 0/0) instead of NaN.
 
     Example::
 
@@ -331,10 +368,13 @@ def quick_isotropy(weight: Tensor) -> dict[str, float]:
     log_z = torch.cat([torch.logsumexp(matrix @ oriented[:, s:s + _PROJECTION_CHUNK], dim=0)
                        for s in range(0, oriented.shape[1], _PROJECTION_CHUNK)])
     mean_row_norm = float(matrix.norm(dim=1).mean())
+    if mean_row_norm == 0.0:
+        warnings.warn(f"quick_isotropy of a degenerate {list(matrix.shape)} matrix: every row is zero; "
+                      "mean_norm_ratio and avg_cosine are reported as 0, Iso as 1", RuntimeWarning, stacklevel=2)
     return {
         "iso": math.exp(float(log_z.min() - log_z.max())),
-        "mean_norm_ratio": float(mean.norm()) / mean_row_norm if mean_row_norm > 0 else float("nan"),
-        "avg_cosine": _average_cosine(matrix, None, None),
+        "mean_norm_ratio": float(mean.norm()) / mean_row_norm if mean_row_norm > 0 else 0.0,  # all-zero: 0
+        "avg_cosine": _average_cosine(matrix, None, None) if mean_row_norm > 0 else 0.0,
     }
 
 

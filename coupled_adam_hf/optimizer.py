@@ -522,6 +522,25 @@ class CoupledAdam(Optimizer):
         return math.isfinite(total.item())
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_state_fits(self, state_dict: dict[str, Any]) -> None:
+        """Group count, parameters per group and every saved tensor's shape against this optimizer's params."""
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("CoupledAdam.load_state_dict: not an optimizer state dict (needs 'state' and "
+                             "'param_groups'); nothing was loaded")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"CoupledAdam.load_state_dict: the state has {len(saved_groups)} param groups, this "
+                             f"optimizer {len(self.param_groups)}; nothing was loaded")
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"CoupledAdam.load_state_dict: group {index} of the state holds "
+                                 f"{len(saved['params'])} parameters, this optimizer's {len(group['params'])}; "
+                                 "nothing was loaded")
+            for pid, p in zip(saved["params"], group["params"]):
+                if pid in saved_state:
+                    _check_state_layout(group, index, p, saved_state[pid])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, converting second-moment layouts where that is exact.
 
@@ -534,6 +553,7 @@ class CoupledAdam(Optimizer):
 
         Loaded state takes this optimizer's ``state_dtype`` (torch's loader would cast it to the param dtype).
         """
+        self._check_state_fits(state_dict)  # before anything changes: on error the optimizer is as it was
         saved_state = state_dict["state"]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current_groups = [dict(g) for g in self.param_groups]
@@ -569,6 +589,35 @@ class CoupledAdam(Optimizer):
             if "step" in state:
                 # a copy: torch's loader hands back the very step tensor of the source optimizer
                 state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=step_device, copy=True)
+
+
+def _check_state_layout(group: dict[str, Any], index: int, p: Tensor, saved: dict[str, Any]) -> None:
+    """ValueError naming the parameter and both shapes when a saved moment does not fit ``p`` in this group."""
+    full_shape = tuple(p.shape)
+    column_shape = (1, *p.shape[1:])
+    fits = {"exp_avg": {full_shape}}
+    second = {full_shape, column_shape} if group["coupled"] else {full_shape}
+    fits["exp_avg_sq"] = fits["max_exp_avg_sq"] = second
+    for key, allowed in fits.items():
+        value = saved.get(key)
+        if not isinstance(value, Tensor):
+            continue
+        shape = tuple(value.shape)
+        if shape in allowed:
+            continue
+        if not group["coupled"] and key != "exp_avg" and shape == column_shape:
+            raise ValueError(
+                f"CoupledAdam.load_state_dict: {_param_label(group, p, index)} is in an uncoupled (plain AdamW) "
+                f"group, but its saved {key} has shape {list(shape)} (a compact coupled second moment), not "
+                f"{list(full_shape)}. Per-element second moments cannot be recovered from column means: keep the "
+                "parameter in a coupled group, or save the state with compact=False."
+            )
+        expected = " or ".join(str(list(s)) for s in sorted(allowed, key=len))
+        raise ValueError(
+            f"CoupledAdam.load_state_dict: saved {key} of shape {list(shape)} does not fit "
+            f"{_param_label(group, p, index)}, which needs {expected}: the state belongs to another model or "
+            "another partition of its parameters; nothing was loaded"
+        )
 
 
 def _to_like(value: Tensor, p: Tensor) -> Tensor:

@@ -258,3 +258,31 @@ def test_train_loss_after_a_resume_is_the_mean_over_the_whole_run(workspace, ref
     uninterrupted = json.loads((reference / "train_results.json").read_text())["train_loss"]
     assert resumed == pytest.approx(uninterrupted, rel=1e-6)
     assert torch.isfinite(torch.tensor(resumed))
+
+
+# --------------------------------------------------------------------------------------------- checks first
+@pytest.mark.parametrize("extra, message", [
+    (["--block_size", "100000"], "--block_size 100000 exceeds the model's context length 32"),
+    (["--coupled_targets", "bogus"], "--coupled_targets 'bogus': .*Embedding modules in this model"),
+])
+def test_checks_that_need_the_built_model_come_before_the_first_write(workspace, tmp_path, extra, message):
+    from coupled_adam_hf.cli import UsageError
+
+    output_dir = tmp_path / "run"
+    with pytest.raises(UsageError, match=message):
+        train_script.main(argv(workspace, output_dir, *extra))
+    assert not output_dir.exists()  # not even the trained tokenizer
+
+
+def test_an_empty_recipe_and_an_output_dir_that_is_a_file_are_refused(tmp_path):
+    from coupled_adam_hf.cli import UsageError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(UsageError, match="recipe .*empty.yaml is empty"):
+        train_script.check_arguments([str(empty)])
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(UsageError, match=f"--output_dir {afile} is not a directory"):
+        train_script.check_arguments(["--output_dir", str(afile)])
+    assert afile.read_text() == "x"

@@ -320,3 +320,33 @@ def test_local_evaluate_module_gives_the_library_values(tmp_path):
     anisotropy.add_batch(embeddings=matrix[25:].tolist())
     result = anisotropy.compute(token_counts=counts.tolist(), top_k=10)
     assert result == pytest.approx(embedding_metrics(matrix, counts, top_k=10), rel=1e-12, nan_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- degenerate
+@pytest.mark.parametrize("name, matrix, why", [
+    ("all zero", torch.zeros(6, 4), "every row is zero"),
+    ("one distinct row", torch.tensor([[1.0, 2.0, 3.0, 4.0]]).repeat(6, 1), "every row is the same vector"),
+    ("constant rows", torch.arange(1.0, 7.0).unsqueeze(1).repeat(1, 4), "rank 1"),
+])
+def test_degenerate_matrices_warn_why_and_report_documented_values_instead_of_nan(name, matrix, why):
+    with pytest.warns(RuntimeWarning, match=why):
+        metrics = embedding_metrics(matrix)
+    assert all(math.isfinite(value) for value in metrics.values()), name
+    if name == "all zero":
+        assert metrics["iso"] == 1.0 and metrics["mean_norm_ratio"] == 0.0 and metrics["avg_cosine"] == 0.0
+        assert metrics["kappa"] == 0.0 and metrics["effective_rank"] == 0.0
+        with pytest.warns(RuntimeWarning, match="every row is zero"):
+            quick = quick_isotropy(matrix)
+        assert quick == {"iso": 1.0, "mean_norm_ratio": 0.0, "avg_cosine": 0.0}
+    if name == "one distinct row":
+        assert metrics["centered/effective_rank"] == 0.0 and metrics["isoscore"] == 0.0
+        assert metrics["mean_norm_ratio"] == pytest.approx(1.0)
+
+
+def test_a_healthy_matrix_gives_no_degeneracy_warning():
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        embedding_metrics(torch.randn(50, 8))

@@ -597,3 +597,68 @@ def test_loading_a_live_optimizers_state_shares_no_tensors_with_it():
     run(target, ps, gradient_stream([p.shape for p in ps], 3))
     assert source.state[params[0]]["step"].item() == 2
     assert target.state[ps[0]]["step"].item() == 5
+
+
+# ----------------------------------------------------------------------------- atomic load_state_dict
+def _trained_coupled(rows: int, seed: int = 0) -> tuple[CoupledAdam, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    embedding, matrix = torch.randn(rows, 4, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    opt = CoupledAdam([{"params": [embedding], "coupled": True, "param_names": ["wte.weight"]},
+                       {"params": [matrix], "param_names": ["h.0.weight"]}], lr=1e-2)
+    for _ in range(2):
+        for p in (embedding, matrix):
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt, [embedding, matrix]
+
+
+def _snapshot(opt: CoupledAdam) -> tuple[dict, list[dict]]:
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+    return state, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def _assert_unchanged(opt: CoupledAdam, before) -> None:
+    state, groups = _snapshot(opt)
+    assert groups == before[1]
+    assert state.keys() == before[0].keys()
+    for pid, entries in state.items():
+        for key, value in entries.items():
+            expected = before[0][pid][key]
+            assert torch.equal(value, expected) if torch.is_tensor(value) else value == expected
+
+
+def test_load_state_dict_of_another_models_embedding_fails_naming_parameter_and_shapes_and_changes_nothing():
+    target, _ = _trained_coupled(rows=10)
+    source, _ = _trained_coupled(rows=12, seed=1)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"saved exp_avg of shape \[12, 4\] does not fit parameter 'wte.weight' "
+                                         r"\(group 0, shape \[10, 4\]\), which needs \[10, 4\]"):
+        target.load_state_dict(source.state_dict())
+    _assert_unchanged(target, before)
+
+
+def test_load_state_dict_with_a_plain_moment_of_the_wrong_shape_is_not_called_compact_and_changes_nothing():
+    target, _ = _trained_coupled(rows=10)
+    source, _ = _trained_coupled(rows=10, seed=1)
+    saved = source.state_dict()
+    matrix_id = saved["param_groups"][1]["params"][0]
+    saved["state"][matrix_id]["exp_avg_sq"] = torch.zeros(4, 3)
+    before = _snapshot(target)
+    with pytest.raises(ValueError) as caught:
+        target.load_state_dict(saved)
+    message = str(caught.value)
+    assert "compact" not in message and "'h.0.weight'" in message and "[4, 3]" in message and "[4, 4]" in message
+    _assert_unchanged(target, before)
+
+
+def test_load_state_dict_with_other_group_or_parameter_counts_changes_nothing():
+    target, params = _trained_coupled(rows=10)
+    before = _snapshot(target)
+    single = CoupledAdam([{"params": [torch.randn(10, 4, requires_grad=True)], "coupled": True}])
+    with pytest.raises(ValueError, match="the state has 1 param groups, this optimizer 2; nothing was loaded"):
+        target.load_state_dict(single.state_dict())
+    saved = target.state_dict()
+    saved["param_groups"][1]["params"] = saved["param_groups"][1]["params"] + [99]
+    with pytest.raises(ValueError, match="group 1 of the state holds 2 parameters, this optimizer's 1"):
+        target.load_state_dict(saved)
+    _assert_unchanged(target, before)
