@@ -33,7 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CLIError", "UsageError", "MissingInputError", "OutputExistsError", "one_line", "run_cli", "TRACEBACK_ENV"]
+__all__ = ["CLIError", "UsageError", "MissingInputError", "OutputExistsError", "one_line", "parse_arguments", "run_cli",
+           "TRACEBACK_ENV"]
 
 #: Set to 1 to see where an error came from (the one-line message hides the traceback).
 TRACEBACK_ENV = "COUPLED_ADAM_HF_TRACEBACK"
@@ -73,6 +74,25 @@ def one_line(error: BaseException | str) -> str:
     if isinstance(error, KeyError) and text.startswith(("'", '"')):
         text = text.strip("'\"")  # str(KeyError("x")) is "'x'"
     return " ".join(text.split())
+
+
+def parse_arguments(dataclass_types: Any, argv: list[str] | None = None) -> tuple[Any, ...]:
+    """An evaluation script's argument dataclasses from flags, or from one ``.json``/``.yaml`` file.
+
+    Bad input (unreadable file, unknown key, a value of the wrong type) raises :class:`UsageError`.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return tuple(parser.parse_json_file(argv[0]))
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            return tuple(parser.parse_yaml_file(argv[0]))
+        return tuple(parser.parse_args_into_dataclasses(argv))
+    except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
+        raise UsageError(f"invalid arguments: {one_line(error)}") from error
 
 
 def run_cli(main: Callable[[], Any], *, prog: str | None = None) -> None:

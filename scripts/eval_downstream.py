@@ -23,14 +23,13 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser
 
+from coupled_adam_hf import cli
 from coupled_adam_hf.cli import UsageError, one_line, run_cli
 from coupled_adam_hf.downstream import BLIMP_FIELDS, LM_EVAL_EXTRA, PAPER_TASKS, lm_eval_problem
 
@@ -67,17 +66,7 @@ class DownstreamArguments:
 
 
 def parse_arguments(argv: list[str] | None) -> DownstreamArguments:
-    parser = HfArgumentParser(DownstreamArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            (args,) = parser.parse_json_file(argv[0])
-        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            (args,) = parser.parse_yaml_file(argv[0])
-        else:
-            (args,) = parser.parse_args_into_dataclasses(argv)
-    except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
-        raise UsageError(f"invalid arguments: {one_line(error)}") from error
+    (args,) = cli.parse_arguments(DownstreamArguments, argv)
     return args
 
 

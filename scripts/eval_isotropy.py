@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
+from coupled_adam_hf import cli
 from coupled_adam_hf.cli import MissingInputError, OutputExistsError, UsageError, one_line, run_cli
 from coupled_adam_hf.locking import OutputDirLock
 from coupled_adam_hf.metrics import DEFAULT_TOP_K, ISO_SIGN_CONVENTION, embedding_metrics, read_token_counts
@@ -81,17 +80,7 @@ class IsotropyArguments:
 
 
 def parse_arguments(argv: list[str] | None) -> IsotropyArguments:
-    parser = HfArgumentParser(IsotropyArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            (args,) = parser.parse_json_file(argv[0])
-        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            (args,) = parser.parse_yaml_file(argv[0])
-        else:
-            (args,) = parser.parse_args_into_dataclasses(argv)
-    except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
-        raise UsageError(f"invalid arguments: {one_line(error)}") from error
+    (args,) = cli.parse_arguments(IsotropyArguments, argv)
     return args
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser
 
+from coupled_adam_hf import cli
 from coupled_adam_hf.cli import OutputExistsError, UsageError, one_line, run_cli
 from coupled_adam_hf.data import check_data_file
 from coupled_adam_hf.locking import OutputDirLock
@@ -81,16 +80,7 @@ class PerplexityArguments:
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, PerplexityArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, PerplexityArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            return parser.parse_yaml_file(argv[0])
-        return parser.parse_args_into_dataclasses(argv)
-    except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
-        raise UsageError(f"invalid arguments: {one_line(error)}") from error
+    return cli.parse_arguments((ModelArguments, DataArguments, PerplexityArguments), argv)
 
 
 def validate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> None:
