@@ -1,8 +1,8 @@
 """Fast kernels for coupled (embedding) tensors, and for half-precision params with float32 state.
 
-A coupled matrix ``E`` of shape ``[V, H]`` needs no per-element second moment, so its step can move fewer bytes
-than AdamW's (SPEC §6): one read of ``g`` for the per-column statistics, then one pass that reads ``p, g, m`` and
-writes ``p, m`` (24 bytes per fp32 parameter, against AdamW's 28). Plain torch ops cannot get there: every op is
+A coupled matrix ``E`` of shape ``[V, H]`` needs no per-element second moment (one value per column), so its step
+can move fewer bytes than AdamW's: one read of ``g`` for the per-column statistics, then one pass that reads
+``p, g, m`` and writes ``p, m`` (24 bytes per fp32 parameter, against AdamW's 28). Plain torch ops cannot get there: every op is
 its own pass over ``[V, H]`` memory (``m.lerp_`` and ``p.addcdiv_`` alone move 24 bytes), and on CPU torch's
 column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwidth. Hence:
 
@@ -15,8 +15,9 @@ column reductions (``vector_norm(g, dim=0)``) run at a fraction of memory bandwi
   ``_cpu_kernels`` instead (:func:`cpp_wanted`), which also takes the column statistics and does the ``[1, H]``
   column arithmetic.
 
-Which kernels run is decided per coupled tensor by :func:`cpp_wanted` (CPU) and :func:`compile_wanted`, and per
-set of uncoupled half-precision tensors by :func:`compile_wanted_for`, from two environment variables:
+What the environment allows is answered here, per coupled tensor by :func:`cpp_wanted` (CPU) and
+:func:`compile_wanted`, and per set of uncoupled half-precision tensors by :func:`compile_wanted_for`; the route each
+tensor takes is chosen from these answers in one place, ``_fused.choose_routes``. Two environment variables:
 
 - ``COUPLED_ADAM_COMPILE``: ``auto`` (default) takes the C++ CPU kernels from :data:`AUTO_CPP_MIN_NUMEL` elements
   on (built once per machine, about 2 s per variant, cached on disk) and compiles with torch.compile from
@@ -33,6 +34,7 @@ used, so the outer graph captures and fuses them itself.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import types
 from collections.abc import Callable
@@ -46,7 +48,7 @@ from . import _cpu_kernels
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "column_sq_sum", "column_sum", "compile_wanted",
+    "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "bias_corrections", "column_sq_sum", "column_sum", "compile_wanted",
     "compile_wanted_for", "coupled_update_", "cpp_enabled", "cpp_wanted", "Policy", "read_policy",
 ]
 
@@ -219,6 +221,11 @@ def column_sum(x: Tensor, dtype: torch.dtype, divisor: float = 1.0) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the update
+def bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """Adam's bias corrections at ``step``: ``1 - beta1**step`` and ``sqrt(1 - beta2**step)``."""
+    return 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+
+
 def _scalars_like(t: Tensor, values: list[float]) -> Tensor:
     """Step-dependent scalars as a tensor on ``t``'s device, in at least float32 (a bf16 ``1 - lr * wd`` would round
     to 1); on a GPU through pinned memory, without a sync."""

@@ -397,9 +397,9 @@ def test_half_precision_state_follows_state_dtype_and_tracks_the_fp32_run(dtype,
 def test_foreach_coupled_half_precision_step_is_bitwise_the_reference_step(dtype, monkeypatch):
     """foreach=True updates half-precision coupled params block by block of rows in float32 buffers (torch's
     mixed-dtype addcdiv_ is slow on CPU): the same numbers as the reference's single op, for every block size."""
-    import coupled_adam_hf.optimizer as optimizer_module
+    import coupled_adam_hf._functional as functional_module
 
-    monkeypatch.setattr(optimizer_module, "_ROW_BLOCK_ELEMENTS", 5 * 6)  # blocks of 5 rows: 13 = 5 + 5 + 3
+    monkeypatch.setattr(functional_module, "ROW_BLOCK_ELEMENTS", 5 * 6)  # blocks of 5 rows: 13 = 5 + 5 + 3
     params = {impl: make_params(shapes=[(13, 6)], dtype=dtype) for impl in ("single_tensor", "foreach")}
     opts = {impl: CoupledAdam([{"params": ps, "coupled": True}], lr=1e-2, weight_decay=0.1,
                               **IMPLEMENTATIONS[impl]) for impl, ps in params.items()}
