@@ -7,11 +7,14 @@
   evaluation (isotropy of embedding matrices, sliding-window perplexity, logging during training).
 """
 
+from ._kernels import read_policy as kernel_policy
 from .optimizer import CoupledAdam, coupled_adam
 
 __version__ = "0.1.0"
 
-__all__ = ["CoupledAdam", "coupled_adam", "__version__"]
+# kernel_policy(): the kernel choice the environment makes now (COUPLED_ADAM_COMPILE, COUPLED_ADAM_CPP), as
+# Policy(compile="auto" | "always" | "never", cpp=bool)
+__all__ = ["CoupledAdam", "coupled_adam", "kernel_policy", "__version__"]
 
 # Hugging Face integration, imported on first use so that `import coupled_adam_hf` stays light (no transformers).
 _LAZY_HF_EXPORTS = {

@@ -48,8 +48,9 @@ from . import _cpu_kernels
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "bias_corrections", "column_sq_sum", "column_sum", "compile_wanted",
-    "compile_wanted_for", "coupled_update_", "cpp_enabled", "cpp_wanted", "Policy", "read_policy",
+    "AUTO_COMPILE_MIN_NUMEL", "AUTO_CPP_MIN_NUMEL", "adamw_update_", "bias_corrections", "column_sq_sum",
+    "column_sum", "compile_wanted", "compile_wanted_for", "coupled_update_", "cpp_enabled", "cpp_wanted", "Policy",
+    "read_policy",
 ]
 
 #: ``COUPLED_ADAM_COMPILE=auto`` compiles coupled tensors from this size on (2**24 elements: a 32k x 512 matrix;
@@ -57,13 +58,13 @@ __all__ = [
 AUTO_COMPILE_MIN_NUMEL = 1 << 24
 
 #: ``COUPLED_ADAM_COMPILE=auto`` runs coupled CPU tensors from this size on (2**16 elements: a 512 x 128 matrix)
-#: through the hand-written C++ kernels of ``_cpu_kernels``: about 2 s of compiling once per machine (cached on
-#: disk), not per process, so they pay off much earlier than a torch.compile'd kernel. Measured on 2 CPU cores:
-#: a coupled step of 1024 x 128 to 8192 x 256 takes 0.45-0.7x the eager ops' time; at 512 x 64, about the same.
+#: through the hand-written C++ kernels of ``_cpu_kernels``. They are compiled once per machine (cached on disk), not
+#: per process, so they pay off much earlier than a torch.compile'd kernel; below this size a step is dominated by
+#: call overhead, which the eager ops have as well (docs/performance.md has the measurements).
 AUTO_CPP_MIN_NUMEL = 1 << 16
 
-# Column sums on CPU: elements per block of rows in the accumulation loop (a 2 MiB float32 buffer; measured best
-# from 32K to 2M elements on GPT-2 and Llama embedding shapes).
+# Column sums on CPU: elements per block of rows in the accumulation loop (a 2 MiB float32 buffer: large enough that
+# the per-block overhead vanishes, small enough to stay in cache).
 _EAGER_BLOCK_ELEMENTS = 1 << 19
 
 _COMPILE_ENV = "COUPLED_ADAM_COMPILE"
@@ -190,8 +191,8 @@ def _torch_column_sum(x: Tensor, dtype: torch.dtype, square: bool) -> Tensor:
     # reduction is no faster than this loop.
     block = max(1, min(rows, _EAGER_BLOCK_ELEMENTS // cols))
     acc = torch.zeros(block, cols, dtype=dtype, device=x.device)
-    # half-precision input: converted block by block into one reused buffer (a fresh .to(dtype) per block costs
-    # an allocation and its page faults every time: 7x slower on GPT-2's bf16 embedding gradient)
+    # half-precision input: converted block by block into one reused buffer (a fresh .to(dtype) per block would
+    # cost an allocation and its page faults every time)
     converted = torch.empty_like(acc) if flat.dtype != dtype else None
     for start in range(0, rows, block):
         chunk = flat[start:start + block]

@@ -59,8 +59,7 @@ from unittest import mock
 
 import torch
 
-from coupled_adam_hf import CoupledAdam
-from coupled_adam_hf._kernels import compile_policy, cpp_enabled
+from coupled_adam_hf import CoupledAdam, kernel_policy
 
 BASELINE = "adamw_fused"
 
@@ -509,10 +508,11 @@ def _run(sets: list[str], dtypes: list[torch.dtype], contenders: list[Contender]
     machine = dict(
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
         platform.processor() or platform.machine(), torch=torch.__version__, threads=torch.get_num_threads(),
-        cpus=os.cpu_count(), python=sys.version.split()[0], compile_policy=compile_policy(), cpp_kernels=cpp_enabled(),
+        cpus=os.cpu_count(), python=sys.version.split()[0], compile_policy=kernel_policy().compile,
+        cpp_kernels=kernel_policy().cpp,
         loadavg_start=list(os.getloadavg()))
     print(f"device {machine['device_name']} ({device}), torch {torch.__version__}, {machine['threads']} threads, "
-          f"COUPLED_ADAM_COMPILE={machine['compile_policy']}, C++ kernels {'on' if cpp_enabled() else 'off'}, "
+          f"COUPLED_ADAM_COMPILE={machine['compile_policy']}, C++ kernels {'on' if kernel_policy().cpp else 'off'}, "
           f"load {machine['loadavg_start']}")
     results: list[Result] = []
     for s in sets:
