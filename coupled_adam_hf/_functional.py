@@ -57,8 +57,8 @@ def coupled_adam(
     if coupled and grad_sq_means is None:
         raise ValueError("coupled=True needs grad_sq_means (the per-column means of grad**2)")
     if routes is None:
-        routes, _ = _fused.choose_routes(implementation, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                         state_steps, coupled=coupled, compact=compact, amsgrad=amsgrad,
+        tensors = _fused.GroupTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        routes, _ = _fused.choose_routes(implementation, tensors, coupled=coupled, compact=compact, amsgrad=amsgrad,
                                          maximize=maximize)
     hyper = dict(amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
                  maximize=maximize)
@@ -141,10 +141,8 @@ def sgd_step(params: list[Tensor], *, lr: float, weight_decay: float, maximize: 
 def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, amsgrad, beta1,
                          beta2, lr, weight_decay, eps, maximize):
     for i, param in enumerate(params):
-        p, g = _working_copies(param, grads[i], local(exp_avgs[i]).dtype, maximize)
-        m, v, step = local(exp_avgs[i]), local(exp_avg_sqs[i]), state_steps[i]
-        step += 1
-        bc1, bc2_sqrt = bias_corrections(step.item(), beta1, beta2)
+        p, g, m, v, bc1, bc2_sqrt = _begin_step(param, grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i],
+                                                beta1, beta2, maximize)
 
         p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
@@ -162,10 +160,8 @@ def _single_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
                            column_reducers, *, compact, avg_scale, amsgrad, beta1, beta2, lr, weight_decay, eps,
                            maximize):
     for i, param in enumerate(params):
-        p, g = _working_copies(param, grads[i], local(exp_avgs[i]).dtype, maximize)
-        m, v, step = local(exp_avgs[i]), local(exp_avg_sqs[i]), state_steps[i]
-        step += 1
-        bc1, bc2_sqrt = bias_corrections(step.item(), beta1, beta2)
+        p, g, m, v, bc1, bc2_sqrt = _begin_step(param, grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i],
+                                                beta1, beta2, maximize)
 
         p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
@@ -191,15 +187,20 @@ def _global_column_mean(x: Tensor, reducer: Reducer | None) -> Tensor:
     return reducer(x.sum(dim=0, keepdim=True))
 
 
-def _working_copies(param: Tensor, grad: Tensor, dtype: torch.dtype, maximize: bool) -> tuple[Tensor, Tensor]:
-    """Plain tensors in the state dtype ``dtype``: with float32 state, half-precision params are updated in float32
-    and rounded once."""
+def _begin_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float,
+                beta2: float, maximize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float]:
+    """A one-tensor step's start: ``p, g, m, v`` as plain tensors, ``p`` and ``g`` in the state dtype (with float32
+    state, half-precision params are updated in float32 and rounded once, by ``_write_back``), the step counter
+    incremented, and the bias corrections."""
+    m, v = local(exp_avg), local(exp_avg_sq)
     p, g = local(param), local(grad)
-    if p.dtype != dtype:
-        p = p.to(dtype)
-    if g.dtype != dtype:
-        g = g.to(dtype)
-    return p, (-g if maximize else g)
+    if p.dtype != m.dtype:
+        p = p.to(m.dtype)
+    if g.dtype != m.dtype:
+        g = g.to(m.dtype)
+    step += 1
+    bc1, bc2_sqrt = bias_corrections(step.item(), beta1, beta2)
+    return p, (-g if maximize else g), m, v, bc1, bc2_sqrt
 
 
 def _write_back(param: Tensor, working: Tensor) -> None:
@@ -253,10 +254,8 @@ def _multi_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
     The column statistics of g were taken before (one read of g).
     """
     for i, param in enumerate(params):
-        p, g = _working_copies(param, grads[i], local(exp_avgs[i]).dtype, maximize)
-        m, v, step = local(exp_avgs[i]), local(exp_avg_sqs[i]), state_steps[i]
-        step += 1
-        bc1, bc2_sqrt = bias_corrections(step.item(), beta1, beta2)
+        p, g, m, v, bc1, bc2_sqrt = _begin_step(param, grads[i], exp_avgs[i], exp_avg_sqs[i], state_steps[i],
+                                                beta1, beta2, maximize)
 
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)

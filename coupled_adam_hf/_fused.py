@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ from ._kernels import bias_corrections
 from ._state import local
 
 __all__ = [
-    "Route", "choose_routes", "compiled_adamw", "implementation_of", "native_coupled_step", "one_pass_coupled",
+    "GroupTensors", "Route", "choose_routes", "compiled_adamw", "implementation_of", "native_coupled_step", "one_pass_coupled",
     "torch_fused_adamw", "torch_fused_eligible",
 ]
 
@@ -73,33 +73,35 @@ def implementation_of(group: dict[str, Any]) -> str:
     return "single_tensor" if group["foreach"] is False else "fused"
 
 
-def torch_fused_eligible(p: Tensor, *, coupled: bool, implementation: str, state_dtype: torch.dtype | None) -> bool:
-    """Whether ``p`` goes through torch's fused AdamW kernel (outside ``torch.compile``): uncoupled, fused
-    implementation, state in ``p``'s own dtype. Such tensors keep their step counter on ``p``'s device."""
-    return (implementation == "fused" and not coupled and p.dtype in _TORCH_FUSED_DTYPES
-            and (state_dtype is None or state_dtype == p.dtype))
+def torch_fused_eligible(params: list[Tensor], *, coupled: bool, implementation: str,
+                         state_dtype: torch.dtype | None) -> list[bool]:
+    """For each of a group's ``params``, whether it goes through torch's fused AdamW kernel (outside
+    ``torch.compile``): uncoupled, fused implementation, state in the param's own dtype. Such tensors keep their
+    step counter on the param's device."""
+    if implementation != "fused" or coupled:
+        return [False] * len(params)
+    return [p.dtype in _TORCH_FUSED_DTYPES and (state_dtype is None or state_dtype == p.dtype) for p in params]
 
 
-def choose_routes(
-    implementation: str,
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    coupled: bool,
-    compact: bool,
-    amsgrad: bool,
-    maximize: bool,
-    eligible: list[bool] | None = None,
-    policy: _kernels.Policy | None = None,
-) -> tuple[list[Route], list[Callable[..., Any] | None]]:
+class GroupTensors(NamedTuple):
+    """One group's tensors that step now, as parallel lists (``max_exp_avg_sqs`` empty without AMSGrad)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+    state_steps: list[Tensor]
+
+
+def choose_routes(implementation: str, tensors: GroupTensors, *, coupled: bool, compact: bool, amsgrad: bool,
+                  maximize: bool, eligible: list[bool] | None = None, policy: _kernels.Policy | None = None,
+                  ) -> tuple[list[Route], list[Callable[..., Any] | None]]:
     """The route of every tensor of one group, and for ``Route.CPP`` tensors their C++ kernel (None elsewhere).
 
     ``eligible``: :func:`torch_fused_eligible` of each uncoupled tensor, when the caller has it already.
     """
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = tensors
     n = len(params)
     no_kernels: list[Callable[..., Any] | None] = [None] * n
     if implementation not in IMPLEMENTATIONS:
@@ -111,9 +113,10 @@ def choose_routes(
     if not coupled:
         # Inside an outer torch.compile torch's fused kernel is opaque (a graph break, and dynamo then runs the
         # whole step eagerly); the multi-tensor ops trace, and the compiler fuses them itself.
-        if eligible is None:
-            eligible = [torch_fused_eligible(p, coupled=False, implementation=implementation, state_dtype=m.dtype)
-                        for p, m in zip(params, exp_avgs)]
+        if eligible is None:  # (state exists: its dtype is the group's state dtype)
+            eligible = [e and m.dtype == p.dtype for e, p, m in zip(
+                torch_fused_eligible(params, coupled=False, implementation=implementation, state_dtype=None),
+                params, exp_avgs)]
         if not torch.compiler.is_compiling() and all(eligible):
             return [Route.TORCH_FUSED] * n, no_kernels
         fused = [e and not torch.compiler.is_compiling() for e in eligible]

@@ -1,4 +1,4 @@
-"""Fast kernels for coupled (embedding) tensors, and for half-precision params with float32 state.
+"""Kernel bodies (compiled one-pass updates, column sums) and the environment's kernel policy.
 
 A coupled matrix ``E`` of shape ``[V, H]`` needs no per-element second moment (one value per column), so its step
 can move fewer bytes than AdamW's: one read of ``g`` for the per-column statistics, then one pass that reads

@@ -312,8 +312,8 @@ class CoupledAdam(Optimizer):
                 "flattened it after the optimizer was built (DeepSpeed ZeRO, FSDP1 and XLA FSDP do). The rows "
                 "the coupled mean runs over are lost; use DDP or FSDP2 (fsdp_version: 2) instead."
             )
-        eligible = [_fused.torch_fused_eligible(p, coupled=coupled, implementation=implementation,
-                                                state_dtype=state_dtype) for p in params]
+        eligible = _fused.torch_fused_eligible(params, coupled=coupled, implementation=implementation,
+                                               state_dtype=state_dtype)
         all_state = self.state
         states = [all_state[p] for p in params]
         for p, state, on_device in zip(params, states, eligible):
@@ -332,9 +332,10 @@ class CoupledAdam(Optimizer):
         plan.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         plan.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
         plan.steps = [s["step"] for s in states]
+        tensors = _fused.GroupTensors(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.max_exp_avg_sqs,
+                                      plan.steps)
         plan.routes, plan.kernels = _fused.choose_routes(
-            implementation, plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.max_exp_avg_sqs,
-            plan.steps, coupled=coupled, compact=group["compact"], amsgrad=group["amsgrad"],
+            implementation, tensors, coupled=coupled, compact=group["compact"], amsgrad=group["amsgrad"],
             maximize=group["maximize"], eligible=eligible)
         return plan
 
@@ -473,9 +474,9 @@ class CoupledAdam(Optimizer):
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in saved_state[pid]:
                     state[key] = _state.to_like(saved_state[pid][key], p)
-            on_device = _fused.torch_fused_eligible(p, coupled=group["coupled"],
-                                                    implementation=_fused.implementation_of(group),
-                                                    state_dtype=group["state_dtype"])
+            [on_device] = _fused.torch_fused_eligible([p], coupled=group["coupled"],
+                                                      implementation=_fused.implementation_of(group),
+                                                      state_dtype=group["state_dtype"])
             _state.settle_loaded_state(state, group, p, index, step_on_param_device=on_device)
 
 
