@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from . import _fused, _kernels
 from ._fused import Route
 from ._kernels import bias_corrections
-from ._state import is_dtensor, local
+from ._state import any_dtensor, local
 
 __all__ = ["coupled_adam", "grad_sq_column_mean", "sgd_step"]
 
@@ -70,7 +70,7 @@ def coupled_adam(
             [xs[i] for i in indices] if xs else xs for xs in lists)
         if not coupled:
             if route is Route.TORCH_FUSED:
-                if any(map(is_dtensor, ps)):
+                if any_dtensor(ps):
                     ps, gs, ms, vs, vmaxs, steps = ([local(x) for x in xs] for xs in (ps, gs, ms, vs, vmaxs, steps))
                 _fused.torch_fused_adamw(ps, gs, ms, vs, vmaxs, steps, **hyper)
             else:

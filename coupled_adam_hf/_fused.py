@@ -104,6 +104,8 @@ def choose_routes(implementation: str, tensors: GroupTensors, *, coupled: bool, 
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = tensors
     n = len(params)
     no_kernels: list[Callable[..., Any] | None] = [None] * n
+    if eligible is not None and not coupled and all(eligible) and not torch.compiler.is_compiling():
+        return [Route.TORCH_FUSED] * n, no_kernels  # the common case first: it runs for every group, every step
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "single_tensor":

@@ -27,7 +27,7 @@ except ImportError:  # a torch built without distributed support has no DTensors
     DTensor = ()  # type: ignore[assignment,misc]
 
 __all__ = [
-    "STRUCTURAL_KEYS", "check_state_layout", "column_mean", "column_state_dtype", "convert_second_moments",
+    "STRUCTURAL_KEYS", "any_dtensor", "check_state_layout", "column_mean", "column_state_dtype", "convert_second_moments",
     "init_state", "is_dtensor", "local", "param_label", "state_dtype", "state_dtypes", "to_like",
 ]
 
@@ -41,6 +41,11 @@ STRUCTURAL_KEYS = ("coupled", "update", "compact", "state_dtype")
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters and their state are)."""
     return isinstance(t, DTensor)
+
+
+def any_dtensor(tensors: list[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (one subclass check per distinct type: this runs every step)."""
+    return any(issubclass(kind, DTensor) for kind in set(map(type, tensors))) if DTensor else False
 
 
 def local(t: Tensor) -> Tensor:

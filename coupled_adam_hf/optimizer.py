@@ -58,7 +58,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
 Reducer = Callable[[Tensor], Tensor]
 
 
-@dataclass
+@dataclass(slots=True)
 class _GroupPlan:
     """The tensors of one param group that step now (those with a gradient), with their state and routes.
 
@@ -291,16 +291,15 @@ class CoupledAdam(Optimizer):
         coupled, state_dtype = group["coupled"], group["state_dtype"]
         implementation = _fused.implementation_of(group)
         group_params = group["params"]
-        plan = _GroupPlan(sharded=any(map(is_dtensor, group_params)))
-        if plan.sharded:
-            plan.params, plan.grads, plan.reducers = self._dtensor_params_and_grads(group, group_params)
+        sharded = _state.any_dtensor(group_params)
+        if sharded:
+            params, grads, reducers = self._dtensor_params_and_grads(group, group_params)
         else:
-            plan.params = [p for p in group_params if p.grad is not None]
-            plan.grads = [p.grad for p in plan.params]
-            plan.reducers = [None] * len(plan.params)
-        params = plan.params
-        if any(g.is_sparse for g in plan.grads):
-            p = next(p for p, g in zip(params, plan.grads) if g.is_sparse)
+            params = [p for p in group_params if p.grad is not None]
+            grads = [p.grad for p in params]
+            reducers = [None] * len(params)
+        if any(g.is_sparse for g in grads):
+            p = next(p for p, g in zip(params, grads) if g.is_sparse)
             raise ValueError(
                 f"CoupledAdam does not support sparse gradients ({param_label(group, p, index)}); "
                 "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter"
@@ -328,16 +327,13 @@ class CoupledAdam(Optimizer):
                     state["step"] = step.to(p.device)
             elif not step.is_cpu:
                 state["step"] = step.to(_CPU)
-        plan.exp_avgs = [s["exp_avg"] for s in states]
-        plan.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        plan.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else []
-        plan.steps = [s["step"] for s in states]
-        tensors = _fused.GroupTensors(plan.params, plan.grads, plan.exp_avgs, plan.exp_avg_sqs, plan.max_exp_avg_sqs,
-                                      plan.steps)
-        plan.routes, plan.kernels = _fused.choose_routes(
-            implementation, tensors, coupled=coupled, compact=group["compact"], amsgrad=group["amsgrad"],
-            maximize=group["maximize"], eligible=eligible)
-        return plan
+        tensors = _fused.GroupTensors(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states])
+        routes, kernels = _fused.choose_routes(implementation, tensors, coupled=coupled, compact=group["compact"],
+                                               amsgrad=group["amsgrad"], maximize=group["maximize"],
+                                               eligible=eligible)
+        return _GroupPlan(*tensors, reducers, routes, kernels, [], sharded)
 
     def _native_items(self, plans: list[_GroupPlan]) -> list[_fused.NativeItem] | None:
         """The coupled tensors of this step for ``_fused.native_coupled_step``, when every one of them takes
