@@ -19,7 +19,10 @@ __all__ = ["CoupledAdam", "coupled_adam", "kernel_policy", "__version__"]
 # Hugging Face integration, imported on first use so that `import coupled_adam_hf` stays light (no transformers).
 _LAZY_HF_EXPORTS = {
     "CoupledAdamTrainer": ".trainer",
-    "GradientValueClippingCallback": ".trainer",
+    "GradientValueClippingCallback": ".callbacks",
+    "SaveOnSignalCallback": ".callbacks",
+    "add_isotropy_logging": ".callbacks",
+    "model_embeddings": ".partition",
     "CoupledAdamTrainingArguments": ".training_args",
     "partition_parameters": ".partition",
     "find_coupled_parameters": ".partition",

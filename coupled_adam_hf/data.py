@@ -26,6 +26,7 @@ __all__ = [
     "SHAKESPEARE_TRAIN",
     "SHAKESPEARE_VALIDATION",
     "CausalLMBlockCollator",
+    "builder_for",
     "check_data_file",
     "iter_texts",
     "load_raw_datasets",
@@ -48,7 +49,8 @@ _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
-def _builder_for(path: str) -> str:
+def builder_for(path: str) -> str:
+    """The ``datasets`` builder (``text``, ``json``, ``csv``, ``parquet``) of a local data file, from its suffix."""
     name = path.lower()
     for ext in _COMPRESSION:
         if name.endswith(ext):
@@ -100,7 +102,7 @@ def load_raw_datasets(
         data_files = {"train": str(train_file)}
         if validation_file is not None:
             data_files["validation"] = str(validation_file)
-        builders = {_builder_for(f) for f in data_files.values()}
+        builders = {builder_for(f) for f in data_files.values()}
         if len(builders) != 1:
             raise ValueError(f"train and validation files must have the same format, got {data_files}")
         builder = builders.pop()

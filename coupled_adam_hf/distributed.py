@@ -206,23 +206,25 @@ def all_ranks_finite(finite: Tensor, coupled_params: Iterable[Tensor]) -> Tensor
 
 
 # ---------------------------------------------------------------------------------------------- setup check
-def check_supported_parallelism(accelerator: Any = None, args: Any = None) -> None:
-    """Refuse parallel setups that flatten parameters, before any training step.
+def check_supported_parallelism(accelerator: Any = None, args: Any = None, *, model: Any = None,
+                                deepspeed_enabled: bool = False, fsdp_enabled: bool = False) -> None:
+    """Refuse parallel setups in which the coupled mean over an embedding's rows cannot be taken, before step 1.
 
     FSDP1, DeepSpeed ZeRO, Megatron-LM and XLA FSDP hand the optimizer 1-D slices of concatenated parameters:
-    the rows of an embedding matrix are gone, and a coupled mean computed on them would be silently wrong.
-    Allowed: one device, DDP, FSDP2 (DTensor parameters sharded by rows: the optimizer all-reduces the column
-    statistics itself).
+    the rows of an embedding matrix are gone, and a coupled mean computed on them would be silently wrong. Tensor,
+    context and sequence parallelism are refused too: not tested yet. Allowed: one device, DDP, FSDP2 (DTensor
+    parameters sharded by rows: the optimizer all-reduces the column statistics itself).
 
     Looks at every place such a setup can come from: the ``Accelerator`` (or its ``AcceleratorState``), the
-    Trainer's ``TrainingArguments`` (``deepspeed``, ``fsdp``/``fsdp_config``), and the environment that
-    ``accelerate launch --config_file ...`` sets (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``,
-    ``FSDP_VERSION``), which accelerate ignores on CPU but a GPU run would use.
+    Trainer's ``TrainingArguments`` (``deepspeed``, ``fsdp``/``fsdp_config``, ``parallelism_config``), the model
+    (loaded with a ``tp_plan``), a ``Trainer``'s own flags (``deepspeed_enabled``, ``fsdp_enabled``), and the
+    environment that ``accelerate launch --config_file ...`` sets (``ACCELERATE_USE_DEEPSPEED``,
+    ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``), which accelerate ignores on CPU but a GPU run would use.
 
     Raises:
         ValueError: naming the setup found and the supported alternatives.
     """
-    setup = _unsupported_setup(accelerator, args)
+    setup = _unsupported_setup(accelerator, args, deepspeed_enabled=deepspeed_enabled, fsdp_enabled=fsdp_enabled)
     if setup is not None:
         raise ValueError(
             f"Coupled Adam does not support {setup}: it flattens parameters into 1-D shards, so the rows of the "
@@ -230,10 +232,32 @@ def check_supported_parallelism(accelerator: Any = None, args: Any = None) -> No
             f"coupled mean would be silently wrong. Supported: {SUPPORTED_PARALLELISM}. For sharded training "
             "switch to FSDP2."
         )
+    untested = _untested_setup(args, model)
+    if untested is not None:
+        raise ValueError(
+            f"Coupled Adam does not support {untested} yet: it couples each embedding matrix over all of its rows, "
+            f"which has not been tested under it. Supported: {SUPPORTED_PARALLELISM}. Alternatively train with "
+            "--optim adamw_torch_fused."
+        )
 
 
-def _unsupported_setup(accelerator: Any, args: Any) -> str | None:
+def _untested_setup(args: Any, model: Any) -> str | None:
+    if (getattr(model, "tp_size", None) or 1) > 1:
+        return "tensor parallelism (model loaded with a tp_plan)"
+    config = getattr(args, "parallelism_config", None)
+    if config is not None and any((getattr(config, size, None) or 1) > 1 for size in ("tp_size", "cp_size", "sp_size")):
+        return f"parallelism_config {config}"
+    return None
+
+
+def _unsupported_setup(accelerator: Any, args: Any, *, deepspeed_enabled: bool, fsdp_enabled: bool) -> str | None:
     state = getattr(accelerator, "state", accelerator)
+    if deepspeed_enabled:
+        return "DeepSpeed (Trainer.is_deepspeed_enabled)"
+    if fsdp_enabled:
+        version = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", 1)
+        if version != 2:
+            return f"FSDP{version} (Trainer.is_fsdp_enabled, fsdp_version != 2)"
     if state is not None:
         distributed_type = str(getattr(getattr(state, "distributed_type", None), "value", "")).upper()
         deepspeed_plugin = getattr(state, "deepspeed_plugin", None)

@@ -3,7 +3,7 @@
 Every function takes a ``[V, H]`` matrix ``E`` (rows ``e_i`` are vocabulary items) on any device, computes in
 float64 on that device, and returns plain Python floats. Nothing here knows about models or Trainer.
 
-Metrics (SPEC §4; ``mu = mean_i e_i``):
+Metrics (``mu = mean_i e_i``):
 
 ``iso``
     Partition-function isotropy (Mu & Viswanath, 2018), the paper's headline metric:

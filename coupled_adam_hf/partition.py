@@ -30,24 +30,28 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_TARGETS",
     "TARGET_KINDS",
+    "EmbeddingMatrix",
     "EmbeddingParameter",
     "describe_embedding_modules",
     "find_coupled_parameters",
+    "model_embeddings",
     "parse_targets",
     "partition_parameters",
     "trainer_decay_parameter_names",
+    "unwrap_model",
 ]
 
 #: Target keywords, in the order they are resolved (a tied output embedding is reported as "token+output").
 TARGET_KINDS: tuple[str, ...] = ("token", "output", "position", "token_type")
-#: Token, LM-head and learned position embeddings, as the product's users asked (SPEC §2).
+#: Token, LM-head and learned position embeddings, as the product's users asked (the paper couples the tied token
+#: embedding / LM head only).
 DEFAULT_TARGETS: tuple[str, ...] = ("token", "output", "position")
 _NO_TARGETS = ("none", "")
 
@@ -165,8 +169,9 @@ def _vocab_rows(model: nn.Module) -> int | None:
     return getattr(text_config, "vocab_size", None)
 
 
-def _resolve_keyword(model: nn.Module, kind: str) -> list[tuple[str, Tensor]]:
-    """(module or parameter name, tensor) pairs for one target keyword."""
+def _resolve_keyword(model: nn.Module, kind: str, *, strict: bool = True) -> list[tuple[str, Tensor]]:
+    """(module or parameter name, tensor) pairs for one target keyword. ``strict``: an output head whose rows are
+    not the vocabulary is an error (for coupling); else it is left out (for measuring)."""
     names = _module_names(model)
     if kind in ("token", "output"):
         module = _embedding_module(model, "get_input_embeddings" if kind == "token" else "get_output_embeddings")
@@ -175,6 +180,8 @@ def _resolve_keyword(model: nn.Module, kind: str) -> list[tuple[str, Tensor]]:
         weight = module.weight
         vocab = _vocab_rows(model)
         if kind == "output" and weight.dim() >= 2 and vocab is not None and weight.shape[0] < vocab:
+            if not strict:
+                return []
             # Rows must be vocabulary items for the coupling to mean anything: a head of another layout would
             # be averaged over the wrong axis.
             raise ValueError(
@@ -196,6 +203,49 @@ def _resolve_pattern(model: nn.Module, pattern: str) -> list[tuple[str, Tensor]]
         weight = getattr(module, "weight", None)
         if name and isinstance(weight, Tensor) and fnmatch.fnmatchcase(name, pattern):
             found.append((name, weight))
+    return found
+
+
+class EmbeddingMatrix(NamedTuple):
+    """One embedding matrix of a model: its kind (``token``, ``output``, ``position``, ``token_type``), module name,
+    weight, and every kind it serves (``("token", "output")`` for an LM head tied to the input embedding)."""
+
+    kind: str
+    name: str
+    weight: Tensor
+    roles: tuple[str, ...]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel-style wrappers (``.module``), for finding its embeddings."""
+    while not hasattr(model, "get_input_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def model_embeddings(model: nn.Module, kinds: Sequence[str] = TARGET_KINDS) -> list[EmbeddingMatrix]:
+    """The embedding matrices of ``model`` of the given kinds, in the order of ``kinds``, each tensor once.
+
+    The one place that knows where a model keeps them: ``get_input_embeddings()`` (token),
+    ``get_output_embeddings()`` (output; when it is the token matrix, that entry gets the role ``output`` too),
+    learned absolute positions (GPT-2 ``wpe``, OPT ``embed_positions``, BERT ``position_embeddings``; rotary
+    models have none) and token types (BERT segments). Matrices of fewer than 2 dims and output heads whose rows
+    are not the vocabulary are left out. Used for coupling (:func:`find_coupled_parameters`), for measuring
+    (callbacks, ``train.py``, the eval scripts) and for the vocabulary size (perplexity).
+    """
+    model = unwrap_model(model)
+    found: list[EmbeddingMatrix] = []
+    for kind in kinds:
+        for name, weight in _resolve_keyword(model, kind, strict=False):
+            if weight.dim() < 2:
+                continue
+            same = next((i for i, entry in enumerate(found) if entry.weight is weight), None)
+            if same is not None:
+                entry = found[same]
+                if kind not in entry.roles:
+                    found[same] = entry._replace(roles=(*entry.roles, kind))
+                continue
+            found.append(EmbeddingMatrix(kind, name, weight, (kind,)))
     return found
 
 

@@ -1,4 +1,4 @@
-"""Token-weighted perplexity of a causal language model over one long text, with a sliding window (SPEC §5).
+"""Token-weighted perplexity of a causal language model over one long text, with a sliding window.
 
 The text (documents joined by ``"\\n\\n"``) is tokenized once. Windows of ``context_length`` tokens start every
 ``stride`` tokens; in each window only the tokens no earlier window has scored are scored, so every token is
@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .partition import model_embeddings
 
 __all__ = ["Window", "config_context_length", "evaluate_perplexity", "model_context_length", "sliding_windows",
            "tokenize_text"]
@@ -126,13 +128,8 @@ def _is_token_sequence(value: Any) -> bool:
 
 
 def _input_vocab_size(model: nn.Module) -> int | None:
-    get_input_embeddings = getattr(model, "get_input_embeddings", None)
-    if get_input_embeddings is not None:
-        try:
-            return int(get_input_embeddings().weight.shape[0])
-        except (AttributeError, NotImplementedError):
-            pass
-    return None
+    token = model_embeddings(model, ("token",))
+    return int(token[0].weight.shape[0]) if token else None
 
 
 def _forward_keywords(model: nn.Module) -> set[str]:

@@ -3,8 +3,8 @@
 - :func:`checkpoint_problem` / :func:`find_resumable_checkpoint`: is a ``checkpoint-N`` folder complete and
   readable? ``Trainer`` writes ``trainer_state.json`` last, so a folder without it is a save that a crash or
   ``kill -9`` cut short; such folders (and ones with truncated weights) are skipped when resuming.
-- :class:`SaveOnSignalCallback`: on SIGINT (Ctrl-C) or SIGTERM (``kill``, schedulers' preemption) training
-  finishes its current optimizer step, saves a checkpoint and stops; a second signal stops at once.
+- the output-folder policy of ``scripts/train.py`` (start, resume or refuse, decided before anything is written);
+  the signal handling lives in :class:`coupled_adam_hf.callbacks.SaveOnSignalCallback`.
 - :class:`NonFiniteTrainingError` and :func:`nonfinite_parameters`: what
   :class:`coupled_adam_hf.CoupledAdamTrainer` raises when the loss becomes NaN/inf (before that step's update) or
   when weights about to be saved are not finite, so that no checkpoint written after the divergence replaces
@@ -17,19 +17,14 @@ import json
 import logging
 import os
 import re
-import signal
-import threading
-import time
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 __all__ = [
     "NonFiniteTrainingError",
-    "SaveOnSignalCallback",
     "checkpoint_problem",
     "checkpoint_shape_mismatches",
     "checkpoint_step",
@@ -203,95 +198,3 @@ def nonfinite_parameters(parameters: Iterable[tuple[str, torch.Tensor]], limit: 
     if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # one sync in the common case
         return []
     return [name for name, t in named if t.numel() and not bool(torch.isfinite(t.detach()).all())][:limit]
-
-
-# ------------------------------------------------------------------------------------------- signals
-class SaveOnSignalCallback(TrainerCallback):
-    """Turn SIGINT/SIGTERM during ``Trainer.train()`` into "save a checkpoint at the end of this step, stop".
-
-    The handlers are installed at ``on_train_begin`` and the previous ones restored at ``on_train_end``; a signal
-    whose disposition was "ignore" (``nohup``, background jobs) stays ignored. The handler only records the
-    signal; at the next ``on_step_end`` the callback sets ``control.should_save`` and
-    ``control.should_training_stop``, so ``Trainer`` writes ``checkpoint-N`` with optimizer, scheduler and RNG
-    state, exactly as a scheduled save, and ``train()`` returns. A checkpoint being written when the signal
-    arrives is finished first. A second signal, a second or more after the first, restores the previous handler
-    and re-delivers the signal (so Ctrl-C twice raises ``KeyboardInterrupt``; SIGTERM twice terminates); one that
-    follows within ``repeat_window_s`` is the same request (under ``torchrun``/``accelerate launch`` a Ctrl-C
-    reaches each worker twice: from the terminal and forwarded by the launcher, which then waits
-    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds, 30 by default, before SIGKILL).
-
-    After ``train()``, ``received`` is the signal number (None if none came) and ``stopped_at_step`` the step at
-    which the checkpoint was saved. With several processes (DDP) the ranks agree through an all-reduce every step,
-    so that all of them stop at the same step even if only one received the signal.
-    """
-
-    #: A second signal within this many seconds of the first is the same request, not "stop at once".
-    repeat_window_s = 1.0
-
-    def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)):
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self._received_at = 0.0
-        self.stopped_at_step: int | None = None
-        self._previous: dict[int, object] = {}
-
-    @property
-    def signal_name(self) -> str | None:
-        return None if self.received is None else signal.Signals(self.received).name
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.received = None
-        self.stopped_at_step = None
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("SaveOnSignalCallback: training runs outside the main thread; signals are not handled")
-            return
-        for signum in self.signals:
-            previous = signal.getsignal(signum)
-            if previous is signal.SIG_IGN:
-                continue
-            self._previous[signum] = previous
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if self.received is not None:
-            if now - self._received_at < self.repeat_window_s:
-                return  # the same request again: launchers (torchrun) forward the Ctrl-C the terminal already sent
-            self.restore_handlers()  # asked twice: stop now
-            signal.raise_signal(signum)
-            return
-        self.received, self._received_at = signum, now
-        logger.warning(
-            f"Received {signal.Signals(signum).name}: saving a checkpoint at the end of the current step, then "
-            "stopping (send it again to stop at once, without saving)"
-        )
-
-    def restore_handlers(self) -> None:
-        """Put back the handlers found at ``on_train_begin`` (idempotent; ``train()`` skips ``on_train_end`` when
-        it raises, so callers restore them in a ``finally``)."""
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def _any_rank_received(self, args) -> bool:
-        received = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                backend = torch.distributed.get_backend()
-                device = args.device if backend != "gloo" else torch.device("cpu")
-                flag = torch.tensor([int(received)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                received = bool(flag.item())
-                if received and self.received is None:
-                    self.received = signal.SIGTERM  # another rank's signal: stop the same way
-        return received
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped_at_step is None and self._any_rank_received(args):
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at_step = state.global_step
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.restore_handlers()

@@ -6,15 +6,15 @@ decay), split by ``Trainer.get_decay_parameter_names``. With any other ``optim``
 ``baseline_grouping=True`` asks for the same three groups, uncoupled (the paper's AdamW baseline).
 
 Everything else (gradient accumulation, clipping by norm, mixed precision, DDP, checkpoints, schedulers, logging)
-is ``Trainer``'s own. This module adds two callbacks: clipping by value (``max_grad_value``) and, when
-``isotropy_logging_steps > 0``, ``coupled_adam_hf.callbacks.EmbeddingIsotropyCallback``; and, with
-``stop_on_nonfinite_loss`` (the default), a stop with :class:`coupled_adam_hf.reliability.NonFiniteTrainingError`
-when a training loss is NaN/inf (before that step's update) or when weights about to be saved are not finite.
+is ``Trainer``'s own. With :class:`~coupled_adam_hf.CoupledAdamTrainingArguments` the trainer adds two callbacks of
+``coupled_adam_hf.callbacks``: clipping by value (``max_grad_value``) and, when ``isotropy_logging_steps > 0``,
+``EmbeddingIsotropyCallback`` (bound to this trainer); and, with ``stop_on_nonfinite_loss`` (the default), a stop
+with :class:`coupled_adam_hf.reliability.NonFiniteTrainingError` when a training loss is NaN/inf (before that
+step's update) or when weights about to be saved are not finite. With plain ``TrainingArguments`` it is ``Trainer``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
@@ -23,50 +23,25 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from .callbacks import EmbeddingIsotropyCallback, GradientValueClippingCallback
 from .checkpointing import AtomicCheckpointMixin
-from .distributed import SUPPORTED_PARALLELISM, check_supported_parallelism
+from .distributed import check_supported_parallelism
 from .optimizer import CoupledAdam
-from .partition import EmbeddingParameter, find_coupled_parameters, parse_targets, partition_parameters
+from .partition import EmbeddingParameter, find_coupled_parameters, partition_parameters
 from .reliability import NonFiniteTrainingError, nonfinite_parameters
-from .training_args import COUPLED_ADAM
+from .training_args import COUPLED_ADAM, CoupledAdamTrainingArguments
 
-__all__ = ["CoupledAdamTrainer", "GradientValueClippingCallback"]
+__all__ = ["CoupledAdamTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-class GradientValueClippingCallback(TrainerCallback):
-    """Clip every gradient element to ``[-max_value, max_value]`` right before the optimizer step.
-
-    ``Trainer`` calls ``on_pre_optimizer_step`` after its clipping by norm, when the gradients are accumulated,
-    reduced over data-parallel ranks and unscaled (the norm computation unscales fp16 gradients).
-    """
-
-    def __init__(self, max_value: float):
-        if not max_value > 0:
-            raise ValueError(f"max_value must be > 0, got {max_value}")
-        self.max_value = float(max_value)
-
-    def on_pre_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs):
-        if model is None:
-            return
-        torch.nn.utils.clip_grad_value_(model.parameters(), self.max_value)
-
-
-def _isotropy_callback_class() -> type[TrainerCallback] | None:
-    """``EmbeddingIsotropyCallback`` if ``coupled_adam_hf.callbacks`` is installed (errors inside it propagate)."""
-    if importlib.util.find_spec(f"{__package__}.callbacks") is None:
-        return None
-    from .callbacks import EmbeddingIsotropyCallback
-
-    return EmbeddingIsotropyCallback
 
 
 class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
     """A ``Trainer`` that builds :class:`CoupledAdam` for ``args.optim == "coupled_adam"``.
 
     Args are those of ``Trainer``; the coupling options are read from
-    :class:`coupled_adam_hf.CoupledAdamTrainingArguments` (with plain ``TrainingArguments`` it is ``Trainer``).
+    :class:`coupled_adam_hf.CoupledAdamTrainingArguments` (with plain ``TrainingArguments`` it is ``Trainer``:
+    ``self.coupling`` is then None).
 
     After ``create_optimizer()``, ``self.coupled_parameters`` lists what is coupled (name, shape, role); the list is
     logged once, on the main process, at INFO level (like ``Trainer``'s own start-of-training lines).
@@ -74,6 +49,9 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        #: the typed coupling options, or None for plain TrainingArguments (then nothing of this class applies)
+        self.coupling: CoupledAdamTrainingArguments | None = (
+            self.args if isinstance(self.args, CoupledAdamTrainingArguments) else None)
         self.coupled_parameters: list[EmbeddingParameter] = []
         self._coupling_logged = False
         for callback in self._coupling_callbacks():
@@ -86,63 +64,42 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
     def uses_coupled_adam(self) -> bool:
         return self.args.optim == COUPLED_ADAM and self.optimizer_cls_and_kwargs is None
 
-    def _option(self, name: str, default: Any) -> Any:
-        return getattr(self.args, name, default)
-
     @property
     def coupled_targets(self) -> tuple[str, ...]:
-        return parse_targets(self._option("coupled_targets", None))
+        return self.coupling.coupled_target_list if self.coupling is not None else ()
 
     def _coupling_callbacks(self) -> list[TrainerCallback]:
+        for callback in self.callback_handler.callbacks:  # a user's own: hand this trainer over
+            if isinstance(callback, EmbeddingIsotropyCallback):
+                callback.bind(self)
+        if self.coupling is None:
+            return []
         callbacks: list[TrainerCallback] = []
-        max_grad_value = self._option("max_grad_value", None)
-        if max_grad_value is not None:
-            callbacks.append(GradientValueClippingCallback(max_grad_value))
-        every = self._option("isotropy_logging_steps", 0)
-        if every and every > 0:
-            isotropy_callback = _isotropy_callback_class()
-            present = self.callback_handler.callbacks
-            if isotropy_callback is not None and not any(isinstance(c, isotropy_callback) for c in present):
-                callbacks.append(isotropy_callback(every_n_steps=every))
+        if self.coupling.max_grad_value is not None:
+            callbacks.append(GradientValueClippingCallback(self.coupling.max_grad_value))
+        every = self.coupling.isotropy_logging_steps
+        present = self.callback_handler.callbacks
+        if every > 0 and not any(isinstance(c, EmbeddingIsotropyCallback) for c in present):
+            callbacks.append(EmbeddingIsotropyCallback(every_n_steps=every, trainer=self))
         return callbacks
 
     # ------------------------------------------------------------------ distributed support
     def check_sharding_supported(self) -> None:
-        """Refuse setups in which the coupled mean over an embedding's rows cannot be taken, before step 1.
-
-        Supported: one device, DDP (``torchrun`` or ``accelerate launch``, multi-GPU and multi-node) and FSDP2
-        (``fsdp_version: 2``: CoupledAdam all-reduces the column statistics of row-sharded embeddings itself).
-        Refused: setups that flatten parameters -- FSDP1, DeepSpeed ZeRO, Megatron-LM, XLA FSDP (see
-        :func:`coupled_adam_hf.distributed.check_supported_parallelism`) -- and, not tested yet, tensor, context
-        and sequence parallelism.
-        """
-        check_supported_parallelism(self.accelerator, self.args)
-        unsupported = []
-        if self.is_deepspeed_enabled:
-            unsupported.append("DeepSpeed")
-        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
-        if self.is_fsdp_enabled and fsdp_version != 2:
-            unsupported.append(f"FSDP{fsdp_version}")
-        if (getattr(self.model, "tp_size", None) or 1) > 1:
-            unsupported.append("tensor parallelism (model loaded with a tp_plan)")
-        config = self.args.parallelism_config
-        if config is not None and any(
-            (getattr(config, size, None) or 1) > 1 for size in ("tp_size", "cp_size", "sp_size")
-        ):
-            unsupported.append(f"parallelism_config {config}")
-        if unsupported:
-            raise ValueError(
-                f"optim='coupled_adam' does not support {' and '.join(unsupported)}: it couples each embedding "
-                f"matrix over all of its rows. Supported: {SUPPORTED_PARALLELISM}. Alternatively train with "
-                "--optim adamw_torch_fused."
-            )
+        """Refuse setups in which the coupled mean over an embedding's rows cannot be taken, before step 1 (see
+        :func:`coupled_adam_hf.distributed.check_supported_parallelism`)."""
+        check_supported_parallelism(self.accelerator, self.args, model=self.model,
+                                    deepspeed_enabled=self.is_deepspeed_enabled, fsdp_enabled=self.is_fsdp_enabled)
 
     # ------------------------------------------------------------------ divergence
+    @property
+    def _stops_on_nonfinite(self) -> bool:
+        return self.coupling is not None and self.coupling.stop_on_nonfinite_loss
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         # One host sync per micro-batch, as Trainer's own logging_nan_inf_filter check costs. Raising here keeps
         # the NaN step's update out of the weights; Trainer would otherwise step on NaN gradients and save them.
-        if self._option("stop_on_nonfinite_loss", False) and not bool(torch.isfinite(loss.detach()).all()):
+        if self._stops_on_nonfinite and not bool(torch.isfinite(loss.detach()).all()):
             step = self.state.global_step + 1
             raise NonFiniteTrainingError(
                 f"the training loss became {loss.detach().float().mean().item()} at optimizer step {step} of "
@@ -156,7 +113,7 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Checkpoints go through here first (Trainer._save_checkpoint), so non-finite weights never reach disk and
         # checkpoint rotation never deletes a good checkpoint to make room for a diverged one.
-        if self._option("stop_on_nonfinite_loss", False) and self.model is not None:
+        if self._stops_on_nonfinite and self.model is not None:
             broken = nonfinite_parameters(self.model.named_parameters())
             if broken:
                 raise NonFiniteTrainingError(
@@ -174,7 +131,7 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
             model,
             self.coupled_targets,
             weight_decay=self.args.weight_decay,
-            coupled_weight_decay=self._option("coupled_weight_decay", 0.0),
+            coupled_weight_decay=self.coupling.coupled_weight_decay if self.coupling is not None else 0.0,
             decay_parameter_names=self.get_decay_parameter_names(model),
             coupled=coupled,
         )
@@ -186,7 +143,7 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
         if self.uses_coupled_adam:
             self.check_sharding_supported()
             self.optimizer = self._create_coupled_adam(opt_model)
-        elif self._option("baseline_grouping", False):
+        elif self.coupling is not None and self.coupling.baseline_grouping:
             self.optimizer = self._create_baseline_optimizer(opt_model)
         else:
             return super().create_optimizer(model)
@@ -195,10 +152,9 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
         return self.optimizer
 
     def _create_coupled_adam(self, model: nn.Module) -> CoupledAdam:
-        args = self.args
-        extra = args.coupled_adam_optim_kwargs() if hasattr(args, "coupled_adam_optim_kwargs") else {}
+        args = self.coupling  # (optim="coupled_adam" exists only in CoupledAdamTrainingArguments)
         groups = self.coupled_param_groups(model, coupled=True)
-        update, factor = self._option("coupled_update", "adam"), self._option("coupled_lr_factor", 1.0)
+        update, factor = args.coupled_update, args.coupled_lr_factor
         for group in groups:
             if group.get("coupled"):
                 # the paper's §6.2 ablation: SGD on the embeddings at factor x lr; Trainer's scheduler scales every
@@ -212,10 +168,10 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             weight_decay=args.weight_decay,
-            avg_scale=self._option("coupled_avg_scale", 1.0),
-            compact=self._option("coupled_compact_state", True),
-            nonfinite=self._option("coupled_nonfinite", "skip"),
-            **extra,
+            avg_scale=args.coupled_avg_scale,
+            compact=args.coupled_compact_state,
+            nonfinite=args.coupled_nonfinite,
+            **args.coupled_adam_optim_kwargs(),
         )
 
     def _create_baseline_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -239,7 +195,7 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
         lines = [
             f"{type(self.optimizer).__name__} {what} {len(self.coupled_parameters)} embedding tensor(s), "
             f"{coupled:,} of {trainable:,} trainable parameters ({100.0 * coupled / max(trainable, 1):.1f}%), "
-            f"weight decay {self._option('coupled_weight_decay', 0.0)}:"
+            f"weight decay {self.coupling.coupled_weight_decay if self.coupling is not None else 0.0}:"
         ]
         lines += [f"  {e.describe()}" for e in self.coupled_parameters]
         logger.info("\n".join(lines))

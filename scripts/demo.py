@@ -241,7 +241,7 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         "plays; validation on three held-out plays (Macbeth, Twelfth Night, Julius Caesar). Same seed, data order, "
         "schedule (warmup, cosine to lr/10), clipping 1.0 and param groups; embedding weight decay 0.",
         "",
-        "Token-embedding metrics (SPEC §4) over all rows and over the rows of tokens seen in training. "
+        "Token-embedding metrics (the paper's, Stollenwerk & Stollenwerk 2025) over all rows and over the rows of tokens seen in training. "
         "Perplexity: sliding window, context 128, stride 64, on the held-out plays.",
         "",
         markdown_table(rows),

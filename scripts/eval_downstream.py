@@ -28,10 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from coupled_adam_hf import cli
 from coupled_adam_hf.cli import UsageError, one_line, run_cli
-from coupled_adam_hf.downstream import BLIMP_FIELDS, LM_EVAL_EXTRA, PAPER_TASKS, lm_eval_problem
+from coupled_adam_hf.downstream import BLIMP_FIELDS, PAPER_TASKS, lm_eval_problem
 
 logger = logging.getLogger("eval_downstream")
 

@@ -36,6 +36,7 @@ from coupled_adam_hf import cli
 from coupled_adam_hf.cli import MissingInputError, OutputExistsError, UsageError, one_line, run_cli
 from coupled_adam_hf.locking import OutputDirLock
 from coupled_adam_hf.metrics import DEFAULT_TOP_K, ISO_SIGN_CONVENTION, embedding_metrics, read_token_counts
+from coupled_adam_hf.partition import model_embeddings
 
 logger = logging.getLogger("eval_isotropy")
 
@@ -163,23 +164,12 @@ def load_checkpoint(path: str, args: IsotropyArguments):
 
 def embedding_matrices(model, wanted: list[str]) -> dict[str, dict[str, Any]]:
     """``{kind: {"parameter": name, "roles": [...], "weight": tensor}}``; a tied head is reported under token."""
-    from coupled_adam_hf.partition import find_coupled_parameters
-
     found: dict[str, dict[str, Any]] = {}
-    for kind in MATRIX_KINDS:
-        if kind not in wanted:
-            continue
-        try:
-            parameters = find_coupled_parameters(model, (kind,))
-        except ValueError:  # the model has no such embedding (rotary positions, no segment embeddings)
-            continue
-        for index, parameter in enumerate(parameters):
-            if any(parameter.parameter is entry["weight"] for entry in found.values()):
-                if kind == "output":
-                    found["token"]["roles"].append("output")  # tied: the same tensor as the input embedding
-                continue
-            key = kind if index == 0 else f"{kind}_{index}"
-            found[key] = {"parameter": parameter.name, "roles": [kind], "weight": parameter.parameter}
+    seen: dict[str, int] = {}  # matrices per kind so far: a second position matrix is "position_1"
+    for entry in model_embeddings(model, [kind for kind in MATRIX_KINDS if kind in wanted]):
+        index = seen[entry.kind] = seen.get(entry.kind, -1) + 1
+        key = entry.kind if index == 0 else f"{entry.kind}_{index}"
+        found[key] = {"parameter": entry.name, "roles": list(entry.roles), "weight": entry.weight}
     return found
 
 
@@ -187,9 +177,9 @@ def count_tokens(tokenizer, files: list[str], rows: int, text_column: str) -> to
     """Unigram counts of ``files`` tokenized as ``scripts/train.py`` does (rows of text, no special tokens)."""
     import datasets
 
-    from coupled_adam_hf.data import _builder_for
+    from coupled_adam_hf.data import builder_for
 
-    builders = {_builder_for(path) for path in files}
+    builders = {builder_for(path) for path in files}
     if len(builders) != 1:
         raise ValueError(f"--count_tokens_in files must share one format, got {files}")
     builder = builders.pop()

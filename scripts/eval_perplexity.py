@@ -9,7 +9,7 @@
 
 A text file is read whole (line breaks kept); rows of a JSON/CSV file or of a dataset split are joined with
 ``"\\n\\n"``. The text is tokenized once with the checkpoint's tokenizer and scored with
-:func:`coupled_adam_hf.perplexity.evaluate_perplexity` (SPEC §5): ``exp(sum NLL / tokens scored)`` with windows of
+:func:`coupled_adam_hf.perplexity.evaluate_perplexity`: ``exp(sum NLL / tokens scored)`` with windows of
 ``--context_length`` tokens every ``--stride`` tokens; float32 log-softmax. Writes ``DIR/perplexity.json`` (NLL in
 nats, perplexity, bits per byte, tokens and bytes scored, context, stride, dtype, data) and prints a table.
 Arguments can also come from one ``.json``/``.yaml`` file.
@@ -136,9 +136,9 @@ def load_texts(data_args: DataArguments) -> tuple[list[str], str]:
     import datasets
 
     if data_args.validation_file is not None:
-        from coupled_adam_hf.data import _builder_for
+        from coupled_adam_hf.data import builder_for
 
-        builder = _builder_for(data_args.validation_file)
+        builder = builder_for(data_args.validation_file)
         extra = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
         dataset = datasets.load_dataset(builder, data_files=[data_args.validation_file], split="train", **extra)
         description = data_args.validation_file

@@ -44,6 +44,9 @@ def train(tmp_path, model, callbacks, *, max_steps=7, logging_steps=3, report_to
         logging_steps=logging_steps, save_strategy="no", report_to=report_to, use_cpu=True, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=random_blocks(), callbacks=callbacks)
+    for callback in callbacks:
+        if isinstance(callback, EmbeddingIsotropyCallback):
+            callback.bind(trainer)  # a plain Trainer does not hand itself to its callbacks
     trainer.train()
     return trainer
 

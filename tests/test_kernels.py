@@ -302,7 +302,7 @@ def test_amsgrad_steps_with_the_running_maximum_when_gradients_shrink(always_com
 
 def fp64_coupled_adam(weight, grads, lrs, *, betas, eps, weight_decay, avg_scale=1.0, amsgrad=False,
                       maximize=False):
-    """SPEC §1 for one coupled matrix written out in float64, no code shared with the package."""
+    """Coupled Adam's update (the paper's algorithm) for one coupled matrix written out in float64, no code shared with the package."""
     b1, b2 = betas
     w = weight.detach().double().clone()
     m, v = torch.zeros_like(w), torch.zeros_like(w)
@@ -348,7 +348,7 @@ def test_compiled_path_with_half_precision_params_rounds_once_per_stored_tensor(
 
 
 def rounded_coupled_adam(weight, grads, *, lr, weight_decay, state_dtype, betas=(0.9, 0.999), eps=1e-8):
-    """SPEC §1 in float64 with the fast path's rounding points: m stored in ``state_dtype``, p in its own dtype."""
+    """Coupled Adam's update in float64 with the fast path's rounding points: m stored in ``state_dtype``, p in its own dtype."""
     b1, b2 = betas
     p = weight.clone()
     m = torch.zeros_like(weight, dtype=state_dtype)

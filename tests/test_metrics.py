@@ -1,4 +1,4 @@
-"""Embedding metrics (SPEC §4): known answers, invariances, and agreement with slow direct formulas."""
+"""Embedding metrics: known answers, invariances, and agreement with slow direct formulas."""
 
 from __future__ import annotations
 

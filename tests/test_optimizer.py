@@ -1,4 +1,4 @@
-"""Properties of CoupledAdam (SPEC §1): inclusions, invariants, parity between kernels, state handling."""
+"""Properties of CoupledAdam (Stollenwerk & Stollenwerk, ACL 2025): inclusions, invariants, parity between kernels, state handling."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def run(optimizer, params, grads_seq):
 # ----------------------------------------------------------------------------- an independent reference
 def reference_coupled_adam_fp64(weights, grads_seq, *, lr, betas, eps, weight_decay, coupled, avg_scale=1.0,
                                 amsgrad=False):
-    """The SPEC §1 formulas written out directly in float64, no shared code with the package."""
+    """The paper's update formulas written out directly in float64, no shared code with the package."""
     b1, b2 = betas
     w = [x.detach().double().clone() for x in weights]
     m = [torch.zeros_like(x) for x in w]

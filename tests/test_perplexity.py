@@ -1,4 +1,4 @@
-"""Sliding-window, token-weighted perplexity (SPEC §5)."""
+"""Sliding-window, token-weighted perplexity."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -26,8 +25,8 @@ from safetensors.torch import load_file
 
 from coupled_adam_hf.cli import CLIError, UsageError, run_cli
 from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION
+from coupled_adam_hf.callbacks import SaveOnSignalCallback
 from coupled_adam_hf.reliability import (
-    SaveOnSignalCallback,
     checkpoint_problem,
     find_resumable_checkpoint,
     nonfinite_parameters,

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from coupled_adam_hf import CoupledAdam, CoupledAdamTrainer, CoupledAdamTrainingArguments
-from coupled_adam_hf.trainer import GradientValueClippingCallback
+from coupled_adam_hf.callbacks import GradientValueClippingCallback
 
 transformers.logging.set_verbosity_error()
 VOCAB, CONTEXT = 128, 16

@@ -4,7 +4,7 @@
     anisotropy = evaluate.load("metrics/anisotropy")
     anisotropy.compute(embeddings=model.get_input_embeddings().weight.tolist())
 
-Wraps ``coupled_adam_hf.metrics.embedding_metrics`` (SPEC §4): every row of ``embeddings`` is one vocabulary item.
+Wraps ``coupled_adam_hf.metrics.embedding_metrics``: every row of ``embeddings`` is one vocabulary item.
 Optional compute arguments: ``token_counts`` (one count per row, from the training data: adds the ``seen/``,
 ``top{k}/``, ``freq/`` variants and ``rho``) and ``top_k``. Rows may arrive in several ``add_batch`` calls; their
 order is kept, so ``token_counts`` must follow the same order. For a large matrix, calling

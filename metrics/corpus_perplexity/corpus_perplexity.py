@@ -4,7 +4,7 @@
     perplexity = evaluate.load("metrics/corpus_perplexity")
     perplexity.compute(nll_sum=[120.5, 80.2], num_tokens=[40, 31], num_bytes=[160, 118])
 
-``perplexity = exp(sum(nll_sum) / sum(num_tokens))`` over the whole corpus (SPEC §5), not the mean of per-text
+``perplexity = exp(sum(nll_sum) / sum(num_tokens))`` over the whole corpus, not the mean of per-text
 perplexities that the Hub ``perplexity`` metric reports, and no model download: the NLLs come from your own
 evaluation, e.g. ``coupled_adam_hf.perplexity.evaluate_perplexity`` (its ``nll_sum``, ``tokens_scored`` and
 ``bytes_scored``). Because it sums, it also aggregates across processes (``evaluate``'s ``num_process`` /
