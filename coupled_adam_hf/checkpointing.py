@@ -19,6 +19,7 @@ The mixin also carries the sum of the training losses in each checkpoint (``trai
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -31,9 +32,10 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from .cli import CLIError
+from .reliability import find_resumable_checkpoint
 
-__all__ = ["AtomicCheckpointMixin", "CheckpointWriteError", "LOSS_STATE_FILE", "PARTIAL_DIR", "format_bytes",
-           "free_bytes", "write_error_reason"]
+__all__ = ["AtomicCheckpointMixin", "CheckpointWriteError", "LOSS_STATE_FILE", "PARTIAL_DIR", "final_writes",
+           "format_bytes", "free_bytes", "write_error_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,3 +236,21 @@ class AtomicCheckpointMixin:
         space = f"a checkpoint needs about {format_bytes(needed)}"
         space += f", {format_bytes(free)} are free there" if free is not None else ""
         return CheckpointWriteError(f"could not write {what}: {reason}; {space}; {kept}")
+
+
+@contextlib.contextmanager
+def final_writes(output_dir: str):
+    """A write error after training (full disk, quota, read-only) as one line naming the intact checkpoint."""
+    try:
+        yield
+    except Exception as error:
+        reason = write_error_reason(error)
+        if reason is None:
+            raise
+        last, _ = find_resumable_checkpoint(output_dir)
+        free = free_bytes(Path(output_dir))
+        kept = (f"the last checkpoint {last} is intact: free some space and run the same command again to resume "
+                "from it") if last else "no checkpoint was saved"
+        space = f" ({format_bytes(free)} free)" if free is not None else ""
+        raise CheckpointWriteError(f"could not write the trained model and results to {output_dir}{space}: "
+                                   f"{reason}; {kept}") from error

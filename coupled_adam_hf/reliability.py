@@ -21,10 +21,17 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import shutil
+
 import torch
+from transformers import TrainingArguments
+
+from .cli import UsageError
 
 __all__ = [
     "NonFiniteTrainingError",
+    "RUN_FILES",
+    "STALE_RESULT_FILES",
     "checkpoint_problem",
     "checkpoint_shape_mismatches",
     "checkpoint_step",
@@ -32,6 +39,8 @@ __all__ = [
     "list_checkpoints",
     "model_folder_problem",
     "nonfinite_parameters",
+    "prepare_output_dir",
+    "resolve_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,6 +188,95 @@ def checkpoint_shape_mismatches(path: str | os.PathLike, model: torch.nn.Module)
                 if name in expected and expected[name] != shape:
                     mismatches.append(f"{name}: {shape} in the checkpoint, {expected[name]} in the model")
     return mismatches
+
+
+# ------------------------------------------------------------------------------------------- output folder
+def resolve_checkpoint(training_args: TrainingArguments, *, log: bool = True) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true``/``last`` for the newest complete one in
+    output_dir (newer ones that a crash left incomplete are skipped with a warning). UsageError if there is none or
+    the folder is not a complete checkpoint."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("true", "last"):
+        last, skipped = find_resumable_checkpoint(training_args.output_dir)
+        for path, problem in skipped if log else ():
+            logger.warning(f"Skipping {path}: {problem}")
+        if last is None:
+            found = f" (incomplete: {', '.join(Path(p).name for p, _ in skipped)})" if skipped else ""
+            raise UsageError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in "
+                             f"{training_args.output_dir}{found}")
+        return last
+    problem = checkpoint_problem(value)
+    if problem == "no such folder":
+        raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    if problem is not None:
+        raise UsageError(f"--resume_from_checkpoint {value} is not a complete checkpoint: {problem}")
+    return value
+
+
+#: Files a run of this script leaves at the top of its output_dir (checkpoint-* folders aside).
+RUN_FILES = ("trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
+             "embedding_results.json", "training_args.bin", "model.safetensors", "pytorch_model.bin", "config.json")
+#: Of those, what --overwrite_output_dir removes besides the checkpoints: files that would make a new run that is
+#: interrupted look finished, or mix the old run's numbers with the new one's.
+STALE_RESULT_FILES = ("trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
+                      "embedding_results.json")
+
+
+def prepare_output_dir(training_args: TrainingArguments, *, delete_stale: bool = True) -> str | None:
+    """The checkpoint to resume from (None: train from scratch), deciding what to do with ``--output_dir``.
+
+    With ``delete_stale=False`` nothing is deleted and nothing logged: the decision alone, to check it before
+    anything is written (``main`` decides again, logging, once it holds the folder's lock).
+
+    - ``--resume_from_checkpoint PATH|last``: that checkpoint (checked).
+    - ``--overwrite_output_dir``: from scratch; the old run's checkpoints and result files are deleted.
+    - a folder with an unfinished run (``checkpoint-*``, no ``train_results.json``): resume from its newest
+      complete checkpoint, and say so -- re-running an interrupted command continues it, like run_clm.py.
+    - a folder with a finished run, or with run files but no checkpoint: UsageError (nothing is touched).
+    - anything else (absent, empty, or only a tokenizer saved by a run that never reached a checkpoint): scratch.
+    """
+    value = training_args.resume_from_checkpoint
+    resume_asked = value is not None and str(value).lower() not in ("", "false", "none")
+    if training_args.do_train and resume_asked and training_args.overwrite_output_dir:
+        raise UsageError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: give one of them")
+    explicit = resolve_checkpoint(training_args, log=delete_stale)
+    if not training_args.do_train or explicit is not None:
+        return explicit
+    output_dir = Path(training_args.output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    held = [name for name in RUN_FILES if (output_dir / name).exists()] + [c.name for c in checkpoints]
+    if not held:
+        return None
+    if training_args.overwrite_output_dir:
+        if training_args.should_save and delete_stale:  # the process that saves; the others don't delete
+            stale = checkpoints + [output_dir / n for n in STALE_RESULT_FILES if (output_dir / n).exists()]
+            logger.warning(f"--overwrite_output_dir: deleting {', '.join(p.name for p in stale) or 'nothing'} in "
+                           f"{output_dir} and training from scratch")
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+    if (output_dir / "train_results.json").exists():
+        raise UsageError(
+            f"{output_dir} holds a finished run (train_results.json): pass --overwrite_output_dir to train again "
+            "from scratch, --resume_from_checkpoint last to continue it (e.g. with a larger --max_steps), or "
+            "another --output_dir"
+        )
+    checkpoint, skipped = find_resumable_checkpoint(output_dir)
+    for path, problem in skipped if delete_stale else ():
+        logger.warning(f"Skipping {path}: {problem}")
+    if checkpoint is None:
+        raise UsageError(
+            f"{output_dir} already holds a run ({', '.join(held[:4])}) but no complete checkpoint to resume from: "
+            "pass --overwrite_output_dir to start over, or another --output_dir"
+        )
+    if delete_stale:
+        logger.warning(
+            f"{output_dir} holds an unfinished run: resuming from {checkpoint}. Pass --overwrite_output_dir to "
+            "start over instead."
+        )
+    return checkpoint
 
 
 # ------------------------------------------------------------------------------------------- non-finite

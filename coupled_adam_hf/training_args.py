@@ -12,6 +12,7 @@ validate built-in names as before. Built-in names end up as ``OptimizerNames`` m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -160,6 +161,7 @@ class CoupledAdamTrainingArguments(TrainingArguments):
         super().__post_init__()
         if is_coupled:
             self.optim = requested
+        self._validate_numbers()
         self._validate_coupling()
 
     @property
@@ -170,6 +172,37 @@ class CoupledAdamTrainingArguments(TrainingArguments):
     def coupled_target_list(self) -> tuple[str, ...]:
         """``coupled_targets`` parsed: keywords and patterns, ``()`` for none."""
         return parse_targets(self.coupled_targets)
+
+    def _validate_numbers(self) -> None:
+        """Ranges ``TrainingArguments`` leaves to the optimizer or the first step, checked before anything runs
+        (so that a script fails in one line before it writes anything)."""
+        for flag, value, minimum in (
+            ("--per_device_train_batch_size", self.per_device_train_batch_size, 1),
+            ("--per_device_eval_batch_size", self.per_device_eval_batch_size, 1),
+            ("--gradient_accumulation_steps", self.gradient_accumulation_steps, 1),
+            ("--learning_rate", self.learning_rate, 0.0),
+            ("--weight_decay", self.weight_decay, 0.0),
+            ("--adam_epsilon", self.adam_epsilon, 0.0),
+            ("--warmup_steps", self.warmup_steps, 0),
+            ("--dataloader_num_workers", self.dataloader_num_workers, 0),
+        ):
+            if value is None or not value >= minimum:  # (also NaN)
+                raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+        for flag, value in (("--learning_rate", self.learning_rate), ("--weight_decay", self.weight_decay),
+                            ("--adam_epsilon", self.adam_epsilon), ("--max_grad_norm", self.max_grad_norm),
+                            ("--num_train_epochs", self.num_train_epochs)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
+        for flag, value in (("--adam_beta1", self.adam_beta1), ("--adam_beta2", self.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{flag} must be in [0, 1), got {value}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be > 0 (or -1: train for --num_train_epochs), got {self.max_steps}")
+        if self.max_steps == -1 and self.do_train and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 without --max_steps, got {self.num_train_epochs}")
+        for flag, value in (("--seed", self.seed), ("--data_seed", self.data_seed)):
+            if value is not None and not 0 <= value < 2**32:  # numpy's seed range
+                raise ValueError(f"{flag} must be in [0, 2**32), got {value}")
 
     def _validate_coupling(self) -> None:
         try:

@@ -25,45 +25,36 @@ last good checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import json
 import logging
 import math
 import os
-import shutil
 import sys
-import types
-import typing
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
 import datasets
 import transformers
-import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from coupled_adam_hf import data as lm_data
-from coupled_adam_hf.checkpointing import CheckpointWriteError, format_bytes, free_bytes, write_error_reason
+from coupled_adam_hf.callbacks import SaveOnSignalCallback
+from coupled_adam_hf.checkpointing import final_writes
 from coupled_adam_hf.cli import CLIError, UsageError, one_line, run_cli
 from coupled_adam_hf.locking import OutputDirLock
-from coupled_adam_hf.partition import find_coupled_parameters, parse_targets
+from coupled_adam_hf.metrics import embedding_metrics
+from coupled_adam_hf.partition import find_coupled_parameters, model_embeddings
+from coupled_adam_hf.perplexity import model_context_length
+from coupled_adam_hf.recipes import parse_args_with_recipe
 from coupled_adam_hf.reliability import (
     NonFiniteTrainingError,
-    SaveOnSignalCallback,
-    checkpoint_problem,
     checkpoint_shape_mismatches,
     find_resumable_checkpoint,
-    list_checkpoints,
     model_folder_problem,
+    prepare_output_dir,
 )
 from coupled_adam_hf.trainer import CoupledAdamTrainer
 from coupled_adam_hf.training_args import COUPLED_ADAM, CoupledAdamTrainingArguments
 
 logger = logging.getLogger("coupled_adam_hf.train")
-
-RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass
@@ -113,6 +104,8 @@ class ModelArguments:
             raise ValueError("--config_overrides/--config_name build a fresh model; drop them with --model_name_or_path")
         if isinstance(self.config_overrides, dict):  # a YAML mapping
             self.config_overrides = ",".join(f"{k}={v}" for k, v in self.config_overrides.items())
+        if self.model_name_or_path is None and self.tokenizer_name is None and not self.tokenizer_vocab_size >= 257:
+            raise ValueError(f"--tokenizer_vocab_size must be >= 257, got {self.tokenizer_vocab_size}")
 
 
 @dataclass
@@ -161,6 +154,16 @@ class DataTrainingArguments:
         metadata={"help": "After training, write isotropy and related metrics of the embeddings to all_results.json."},
     )
 
+    def __post_init__(self):
+        for flag, value, minimum in (("--block_size", self.block_size, 2),
+                                     ("--max_train_samples", self.max_train_samples, 1),
+                                     ("--max_eval_samples", self.max_eval_samples, 1),
+                                     ("--preprocessing_num_workers", self.preprocessing_num_workers, 1)):
+            if value is not None and not value >= minimum:
+                raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+        if not 0.0 <= self.validation_split_percentage < 100.0:  # (also NaN)
+            raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}")
+
 
 def parser() -> HfArgumentParser:
     arg_parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CoupledAdamTrainingArguments))
@@ -169,147 +172,9 @@ def parser() -> HfArgumentParser:
     return arg_parser
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """A flat mapping of argument names to values, from a YAML or JSON file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        recipe = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except FileNotFoundError:
-        raise UsageError(f"recipe {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"recipe {path}: cannot read it ({one_line(error)})") from error
-    except (ValueError, yaml.YAMLError) as error:  # json.JSONDecodeError is a ValueError
-        kind = "JSON" if str(path).endswith(".json") else "YAML"
-        raise UsageError(f"recipe {path} is not valid {kind}: {one_line(error)}") from error
-    if recipe is None or recipe == {}:
-        raise UsageError(f"recipe {path} is empty: give the arguments of a run in it (see recipes/ for examples), "
-                         "or leave the recipe out and pass flags")
-    if not isinstance(recipe, dict):
-        raise UsageError(f"recipe {path} must be a mapping of argument names to values, got {type(recipe).__name__}")
-    not_names = [key for key in recipe if not isinstance(key, str)]
-    if not_names:
-        raise UsageError(f"recipe {path}: keys must be argument names, got {not_names[:3]!r}")
-    return recipe
-
-
-# Fields whose __post_init__ also takes a YAML list (coupled_targets) or mapping (config_overrides).
-_ALSO_LIST = {"coupled_targets"}
-_ALSO_MAPPING = {"config_overrides"}
-
-
-def _accepted_kinds(name: str, annotation: Any) -> set[str]:
-    """What a recipe value of a field may be: null, bool, int, float, str, list, mapping."""
-    kinds = {"list"} if name in _ALSO_LIST else set()
-    kinds |= {"mapping"} if name in _ALSO_MAPPING else set()
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for member in typing.get_args(annotation):
-            kinds |= _accepted_kinds(name, member)
-        return kinds
-    base = origin or annotation
-    if annotation is type(None):
-        kinds.add("null")
-    elif base is typing.Literal or (isinstance(base, type) and issubclass(base, (str, enum.Enum))):
-        kinds.add("str")
-    elif base in (bool, int, float, list, dict):
-        kinds.add({bool: "bool", int: "int", float: "float", list: "list", dict: "mapping"}[base])
-    return kinds
-
-
-def _recipe_value(name: str, value: Any, annotation: Any, action) -> Any:
-    """``value`` ready to be a parser default, or UsageError saying what the field takes.
-
-    Strings go on as they are: argparse converts a string default with the flag's type (and reports a bad one
-    itself), as if it had been typed on the command line.
-    """
-    kinds = _accepted_kinds(name, annotation)
-    takes = " or ".join(sorted(kinds)) or "a value the command line can give"
-
-    def wrong(detail: str = "") -> UsageError:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        return UsageError(f"recipe key {name!r} takes {takes}, got {type(value).__name__} {shown}{detail}")
-
-    if value is None:
-        if "null" not in kinds:
-            raise wrong()
-        return None
-    if isinstance(value, bool):
-        if "bool" in kinds:
-            return value
-        # YAML 1.1 reads unquoted yes/no/on/off as booleans (save_strategy: no -> False).
-        raise wrong(" (YAML reads unquoted yes/no/on/off/true/false as booleans: quote the value)" if "str" in kinds
-                    else "")
-    if isinstance(value, str):
-        if action.choices is not None and value not in {str(getattr(c, "value", c)) for c in action.choices}:
-            choices = ", ".join(str(getattr(c, "value", c)) for c in action.choices)
-            raise UsageError(f"recipe key {name!r}: {value!r} is not one of {choices}")
-        return value
-    if isinstance(value, int):
-        if kinds & {"int", "float"}:
-            return value
-        if "str" in kinds:
-            return str(value)
-        raise wrong()
-    if isinstance(value, float):
-        if "float" in kinds:
-            return value
-        if "int" in kinds and value.is_integer():
-            return int(value)
-        if "str" in kinds and math.isfinite(value):
-            return str(value)
-        raise wrong()
-    if isinstance(value, list):
-        scalars = all(isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value)
-        if "list" not in kinds or not scalars:
-            raise wrong("" if scalars else " (a list of strings or numbers)")
-        return [str(item) for item in value]
-    if isinstance(value, dict):
-        if "mapping" not in kinds or not all(isinstance(key, str) for key in value):
-            raise wrong()
-        return value
-    raise wrong()  # dates, binary, sets and other YAML types
-
-
-def check_recipe(recipe: dict[str, Any], path: str, arg_parser: HfArgumentParser) -> dict[str, Any]:
-    """The recipe's values as parser defaults; unknown keys and values of the wrong type raise UsageError."""
-    actions = {action.dest: action for action in arg_parser._actions}
-    unknown = sorted(set(recipe) - set(actions))
-    if unknown:
-        raise UsageError(f"unknown argument(s) in the recipe {path}: {unknown}; `scripts/train.py --help` lists them")
-    annotations: dict[str, Any] = {}
-    for dataclass_type in arg_parser.dataclass_types:
-        hints = typing.get_type_hints(dataclass_type)
-        annotations.update({f.name: hints[f.name] for f in fields(dataclass_type) if f.init})
-    return {name: _recipe_value(name, value, annotations.get(name, str), actions[name])
-            for name, value in recipe.items()}
-
-
 def parse_args(argv: list[str] | None = None):
-    """``(model_args, data_args, training_args)`` from ``[recipe.yaml] [--flag value ...]``; flags win.
-
-    Bad input raises :class:`UsageError` (argparse's own errors -- unknown flag, a value of the wrong type --
-    exit with status 2 as usual); nothing is read but the recipe.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    arg_parser = parser()
-    if argv and not argv[0].startswith("-") and argv[0].endswith(RECIPE_SUFFIXES):
-        path = argv.pop(0)
-        # Recipe values become the parser's defaults, so explicit flags override them (argparse converts string
-        # defaults with the flag's type, so YAML strings such as "6e-4" work).
-        arg_parser.set_defaults(**check_recipe(load_recipe(path), path, arg_parser))
-    try:
-        *arguments, remaining = arg_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except UsageError:
-        raise
-    except Exception as error:  # the argument dataclasses' own checks (TrainingArguments.__post_init__ & co.)
-        raise UsageError(f"invalid arguments: {one_line(error)}") from error
-    if remaining:
-        hint = "" if argv and argv[0] not in remaining else (
-            f"; a recipe is a {'/'.join(RECIPE_SUFFIXES)} file given first")
-        raise UsageError(f"unknown argument(s) {remaining}{hint}; `scripts/train.py --help` lists them")
-    return tuple(arguments)
-
-
+    """``(model_args, data_args, training_args)`` from ``[recipe.yaml] [--flag value ...]``; flags win."""
+    return parse_args_with_recipe(parser(), argv, script="scripts/train.py")
 
 
 def _looks_local(name: str) -> bool:
@@ -318,10 +183,10 @@ def _looks_local(name: str) -> bool:
 
 
 def validate_arguments(model_args, data_args, training_args) -> None:
-    """Checks that need neither data nor model weights; UsageError on the first problem.
+    """The checks of what the arguments name, before anything is read or written; UsageError on the first problem.
 
-    Local files exist and are not empty, local model/tokenizer folders are readable, numbers are in range, a
-    fresh model's config and ``--config_overrides`` apply.
+    Local files exist and are not empty, local model/tokenizer folders are readable, a fresh model's config and
+    ``--config_overrides`` apply. (Numbers are checked by the argument dataclasses themselves.)
     """
     packaged_builders = {"text", "json", "csv", "parquet", "arrow"}
     if data_args.dataset_name is None or data_args.dataset_name in packaged_builders:
@@ -346,50 +211,6 @@ def validate_arguments(model_args, data_args, training_args) -> None:
     tokenizer_name = model_args.tokenizer_name
     if tokenizer_name is not None and not os.path.exists(tokenizer_name) and _looks_local(tokenizer_name):
         raise UsageError(f"--tokenizer_name {tokenizer_name!r}: no such folder or file")
-
-    def at_least(flag: str, value, minimum, allow_none: bool = True) -> None:
-        if value is None and allow_none:
-            return
-        if value is None or not value >= minimum:  # also rejects NaN
-            raise UsageError(f"{flag} must be >= {minimum}, got {value}")
-
-    at_least("--block_size", data_args.block_size, 2)
-    at_least("--max_train_samples", data_args.max_train_samples, 1)
-    at_least("--max_eval_samples", data_args.max_eval_samples, 1)
-    at_least("--preprocessing_num_workers", data_args.preprocessing_num_workers, 1)
-    if model_args.model_name_or_path is None and model_args.tokenizer_name is None:
-        at_least("--tokenizer_vocab_size", model_args.tokenizer_vocab_size, 257)
-    if not 0.0 <= data_args.validation_split_percentage < 100.0:
-        raise UsageError(
-            f"--validation_split_percentage must be in [0, 100), got {data_args.validation_split_percentage}")
-
-    args = training_args
-    for flag, value, minimum in (
-        ("--per_device_train_batch_size", args.per_device_train_batch_size, 1),
-        ("--per_device_eval_batch_size", args.per_device_eval_batch_size, 1),
-        ("--gradient_accumulation_steps", args.gradient_accumulation_steps, 1),
-        ("--learning_rate", args.learning_rate, 0.0),
-        ("--weight_decay", args.weight_decay, 0.0),
-        ("--adam_epsilon", args.adam_epsilon, 0.0),
-        ("--warmup_steps", args.warmup_steps, 0),
-        ("--dataloader_num_workers", args.dataloader_num_workers, 0),
-    ):
-        at_least(flag, value, minimum, allow_none=False)
-    for flag, value in (("--learning_rate", args.learning_rate), ("--weight_decay", args.weight_decay),
-                        ("--adam_epsilon", args.adam_epsilon), ("--max_grad_norm", args.max_grad_norm),
-                        ("--num_train_epochs", args.num_train_epochs)):
-        if not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
-    for flag, value in (("--adam_beta1", args.adam_beta1), ("--adam_beta2", args.adam_beta2)):
-        if not 0.0 <= value < 1.0:
-            raise UsageError(f"{flag} must be in [0, 1), got {value}")
-    if args.max_steps == 0 or args.max_steps < -1:
-        raise UsageError(f"--max_steps must be > 0 (or -1: train for --num_train_epochs), got {args.max_steps}")
-    if args.max_steps == -1 and args.do_train and not args.num_train_epochs > 0:
-        raise UsageError(f"--num_train_epochs must be > 0 without --max_steps, got {args.num_train_epochs}")
-    for flag, value in (("--seed", args.seed), ("--data_seed", args.data_seed)):
-        if value is not None and not 0 <= value < 2**32:  # numpy's seed range
-            raise UsageError(f"{flag} must be in [0, 2**32), got {value}")
 
     if model_args.model_name_or_path is None and model_args.config_name is None:
         try:
@@ -429,94 +250,6 @@ def setup_logging(training_args: CoupledAdamTrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def resolve_checkpoint(training_args: CoupledAdamTrainingArguments, *, log: bool = True) -> str | None:
-    """``--resume_from_checkpoint``: a checkpoint folder, or ``true``/``last`` for the newest complete one in
-    output_dir (newer ones that a crash left incomplete are skipped with a warning). UsageError if there is none or
-    the folder is not a complete checkpoint."""
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("true", "last"):
-        last, skipped = find_resumable_checkpoint(training_args.output_dir)
-        for path, problem in skipped if log else ():
-            logger.warning(f"Skipping {path}: {problem}")
-        if last is None:
-            found = f" (incomplete: {', '.join(Path(p).name for p, _ in skipped)})" if skipped else ""
-            raise UsageError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in "
-                             f"{training_args.output_dir}{found}")
-        return last
-    problem = checkpoint_problem(value)
-    if problem == "no such folder":
-        raise UsageError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    if problem is not None:
-        raise UsageError(f"--resume_from_checkpoint {value} is not a complete checkpoint: {problem}")
-    return value
-
-
-#: Files a run of this script leaves at the top of its output_dir (checkpoint-* folders aside).
-RUN_FILES = ("trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
-             "embedding_results.json", "training_args.bin", "model.safetensors", "pytorch_model.bin", "config.json")
-#: Of those, what --overwrite_output_dir removes besides the checkpoints: files that would make a new run that is
-#: interrupted look finished, or mix the old run's numbers with the new one's.
-STALE_RESULT_FILES = ("trainer_state.json", "train_results.json", "eval_results.json", "all_results.json",
-                      "embedding_results.json")
-
-
-def prepare_output_dir(training_args: CoupledAdamTrainingArguments, *, delete_stale: bool = True) -> str | None:
-    """The checkpoint to resume from (None: train from scratch), deciding what to do with ``--output_dir``.
-
-    With ``delete_stale=False`` nothing is deleted and nothing logged: the decision alone, to check it before
-    anything is written (``main`` decides again, logging, once it holds the folder's lock).
-
-    - ``--resume_from_checkpoint PATH|last``: that checkpoint (checked).
-    - ``--overwrite_output_dir``: from scratch; the old run's checkpoints and result files are deleted.
-    - a folder with an unfinished run (``checkpoint-*``, no ``train_results.json``): resume from its newest
-      complete checkpoint, and say so -- re-running an interrupted command continues it, like run_clm.py.
-    - a folder with a finished run, or with run files but no checkpoint: UsageError (nothing is touched).
-    - anything else (absent, empty, or only a tokenizer saved by a run that never reached a checkpoint): scratch.
-    """
-    value = training_args.resume_from_checkpoint
-    resume_asked = value is not None and str(value).lower() not in ("", "false", "none")
-    if training_args.do_train and resume_asked and training_args.overwrite_output_dir:
-        raise UsageError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: give one of them")
-    explicit = resolve_checkpoint(training_args, log=delete_stale)
-    if not training_args.do_train or explicit is not None:
-        return explicit
-    output_dir = Path(training_args.output_dir)
-    checkpoints = list_checkpoints(output_dir)
-    held = [name for name in RUN_FILES if (output_dir / name).exists()] + [c.name for c in checkpoints]
-    if not held:
-        return None
-    if training_args.overwrite_output_dir:
-        if training_args.should_save and delete_stale:  # the process that saves; the others don't delete
-            stale = checkpoints + [output_dir / n for n in STALE_RESULT_FILES if (output_dir / n).exists()]
-            logger.warning(f"--overwrite_output_dir: deleting {', '.join(p.name for p in stale) or 'nothing'} in "
-                           f"{output_dir} and training from scratch")
-            for path in stale:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return None
-    if (output_dir / "train_results.json").exists():
-        raise UsageError(
-            f"{output_dir} holds a finished run (train_results.json): pass --overwrite_output_dir to train again "
-            "from scratch, --resume_from_checkpoint last to continue it (e.g. with a larger --max_steps), or "
-            "another --output_dir"
-        )
-    checkpoint, skipped = find_resumable_checkpoint(output_dir)
-    for path, problem in skipped if delete_stale else ():
-        logger.warning(f"Skipping {path}: {problem}")
-    if checkpoint is None:
-        raise UsageError(
-            f"{output_dir} already holds a run ({', '.join(held[:4])}) but no complete checkpoint to resume from: "
-            "pass --overwrite_output_dir to start over, or another --output_dir"
-        )
-    if delete_stale:
-        logger.warning(
-            f"{output_dir} holds an unfinished run: resuming from {checkpoint}. Pass --overwrite_output_dir to "
-            "start over instead."
-        )
-    return checkpoint
-
-
 def _load(what: str, name: str, load, *args, **kwargs):
     """``load(*args, **kwargs)``; whatever a broken or missing file makes it raise becomes one UsageError line."""
     try:
@@ -553,7 +286,7 @@ def build_tokenizer(model_args, data_args, training_args, raw_datasets, checkpoi
 def check_coupled_targets(model, training_args) -> None:
     """Resolve --coupled_targets on the built model before anything is written (UsageError lists its embeddings)."""
     uses_groups = training_args.optim == COUPLED_ADAM or training_args.baseline_grouping
-    targets = parse_targets(training_args.coupled_targets)
+    targets = training_args.coupled_target_list
     if not uses_groups or not targets:
         return
     try:
@@ -593,7 +326,7 @@ def build_model(model_args, tokenizer):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"Training a new {config.model_type} model from scratch: {n_params / 1e6:.2f}M parameters")
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model_embeddings(model, ("token",))[0].weight.shape[0]
     if len(tokenizer) > rows:
         # run_clm.py's behaviour for a pretrained model given a larger tokenizer: new, randomly initialised rows.
         logger.warning(f"The tokenizer has {len(tokenizer)} tokens, the model's embedding {rows} rows: resizing the "
@@ -603,9 +336,7 @@ def build_model(model_args, tokenizer):
 
 
 def default_block_size(model, tokenizer, requested: int | None) -> int:
-    context = None
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        context = context or getattr(model.config, name, None)
+    context = model_context_length(model)
     limit = min(x for x in (context, tokenizer.model_max_length, 1024) if x)
     if requested is None:
         return limit
@@ -616,20 +347,16 @@ def default_block_size(model, tokenizer, requested: int | None) -> int:
 
 def embedding_results(model, train_dataset) -> dict[str, float]:
     """Metrics of the final embeddings (input, and the LM head when untied), weighted by training token counts."""
-    import importlib.util
-
-    if importlib.util.find_spec("coupled_adam_hf.metrics") is None:
-        logger.warning("coupled_adam_hf.metrics is not installed: no embedding metrics")
-        return {}
-    from coupled_adam_hf.metrics import embedding_metrics
-
-    input_weight = model.get_input_embeddings().weight
-    counts = lm_data.token_counts(train_dataset, input_weight.shape[0])
-    results = {f"embedding_{k}": v for k, v in embedding_metrics(input_weight.detach().float().cpu(), counts).items()}
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not input_weight and output.weight.shape[0] == counts.shape[0]:
-        output_metrics = embedding_metrics(output.weight.detach().float().cpu(), counts)
-        results.update({f"output_embedding_{k}": v for k, v in output_metrics.items()})
+    results: dict[str, float] = {}
+    counts = None
+    for entry in model_embeddings(model, ("token", "output")):
+        if counts is None:
+            counts = lm_data.token_counts(train_dataset, entry.weight.shape[0])
+        if entry.weight.shape[0] != counts.shape[0]:
+            continue
+        prefix = "embedding_" if entry.kind == "token" else "output_embedding_"
+        metrics = embedding_metrics(entry.weight.detach().float().cpu(), counts)
+        results.update({prefix + key: value for key, value in metrics.items()})
     return results
 
 
@@ -713,24 +440,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return _train_and_evaluate(data_args, training_args, tokenizer, model, lm_datasets, block_size, checkpoint)
     finally:
         run_lock.release()
-
-
-@contextlib.contextmanager
-def final_writes(output_dir: str):
-    """A write error after training (full disk, quota, read-only) as one line naming the intact checkpoint."""
-    try:
-        yield
-    except Exception as error:
-        reason = write_error_reason(error)
-        if reason is None:
-            raise
-        last, _ = find_resumable_checkpoint(output_dir)
-        free = free_bytes(Path(output_dir))
-        kept = (f"the last checkpoint {last} is intact: free some space and run the same command again to resume "
-                "from it") if last else "no checkpoint was saved"
-        space = f" ({format_bytes(free)} free)" if free is not None else ""
-        raise CheckpointWriteError(f"could not write the trained model and results to {output_dir}{space}: "
-                                   f"{reason}; {kept}") from error
 
 
 def _train_and_evaluate(data_args, training_args, tokenizer, model, lm_datasets, block_size,

@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from coupled_adam_hf import reliability
 from coupled_adam_hf.cli import CLIError, UsageError, run_cli
 from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION
 from coupled_adam_hf.callbacks import SaveOnSignalCallback
@@ -226,7 +227,7 @@ def test_a_checkpoint_cut_short_by_a_crash_is_skipped_and_the_previous_one_resum
     args = train_script.CoupledAdamTrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True)
     args.do_train = True
     with caplog.at_level(logging.WARNING, logger="coupled_adam_hf"):
-        assert train_script.prepare_output_dir(args) == str(output_dir / "checkpoint-3")
+        assert reliability.prepare_output_dir(args) == str(output_dir / "checkpoint-3")
     assert "checkpoint-9: model.safetensors is unreadable" in caplog.text
     assert "checkpoint-6: no trainer_state.json" in caplog.text
     assert find_resumable_checkpoint(output_dir)[0] == str(output_dir / "checkpoint-3")
@@ -286,11 +287,11 @@ def test_overwrite_output_dir_deletes_the_old_checkpoints_and_results_and_starts
     args = train_script.CoupledAdamTrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True,
                                                      overwrite_output_dir=True)
     args.do_train = True
-    assert train_script.prepare_output_dir(args) is None
+    assert reliability.prepare_output_dir(args) is None
     assert not list(output_dir.glob("checkpoint-*")) and not (output_dir / "train_results.json").exists()
     with pytest.raises(UsageError, match="give one of them"):
         args.resume_from_checkpoint = "last"
-        train_script.prepare_output_dir(args)
+        reliability.prepare_output_dir(args)
 
 
 # ------------------------------------------------------------------------------------- bad input

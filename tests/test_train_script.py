@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from coupled_adam_hf import reliability
 from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,10 +146,10 @@ def test_resume_from_checkpoint_true_picks_the_newest_checkpoint(tmp_path):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         save_file({"w": torch.zeros(2)}, tmp_path / f"checkpoint-{step}" / "model.safetensors")
     args = train_script.CoupledAdamTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="true")
-    assert train_script.resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")
+    assert reliability.resolve_checkpoint(args) == str(tmp_path / "checkpoint-12")
     args.resume_from_checkpoint = str(tmp_path / "checkpoint-99")
     with pytest.raises(ValueError, match="no such checkpoint"):
-        train_script.resolve_checkpoint(args)
+        reliability.resolve_checkpoint(args)
 
 
 @pytest.mark.slow
