@@ -29,6 +29,7 @@ __all__ = [
     "builder_for",
     "check_data_file",
     "iter_texts",
+    "load_checked_datasets",
     "load_raw_datasets",
     "text_column_of",
     "token_counts",
@@ -47,6 +48,26 @@ EOS_TOKEN = "<|endoftext|>"
 
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def load_checked_datasets(**kwargs: Any):
+    """:func:`load_raw_datasets`, with whatever unreadable, missing or empty data makes it raise turned into one
+    :class:`~coupled_adam_hf.cli.UsageError` line that names the data and the reader's own reason."""
+    source = kwargs.get("dataset_name") or ", ".join(
+        filter(None, (kwargs.get("train_file"), kwargs.get("validation_file"))))
+    try:
+        raw_datasets = load_raw_datasets(**kwargs)
+    except Exception as error:  # datasets' errors for unreadable files, missing splits, offline Hub, ...
+        reason, cause = one_line(error), error.__cause__ or error.__context__
+        while cause is not None and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not None:  # datasets wraps the reader's error in "An error occurred while generating ..."
+            reason += f" ({type(cause).__name__}: {one_line(cause)})"
+        raise UsageError(f"cannot load the data ({source or 'the shipped Shakespeare text'}): {reason}") from error
+    for split, dataset in raw_datasets.items():
+        if len(dataset) == 0:
+            raise UsageError(f"the {split!r} split of {source or 'the data'} is empty: no text to train on")
+    return raw_datasets
 
 
 def builder_for(path: str) -> str:

@@ -362,26 +362,13 @@ def embedding_results(model, train_dataset) -> dict[str, float]:
 
 def load_data(model_args, data_args):
     """The raw train/validation splits; unreadable or empty data raises UsageError."""
-    source = data_args.dataset_name or ", ".join(filter(None, (data_args.train_file, data_args.validation_file)))
-    try:
-        raw_datasets = lm_data.load_raw_datasets(
-            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-            train_file=data_args.train_file, validation_file=data_args.validation_file,
-            validation_split_percentage=data_args.validation_split_percentage,
-            validation_split_seed=data_args.validation_split_seed, keep_linebreaks=data_args.keep_linebreaks,
-            cache_dir=model_args.cache_dir,
-        )
-    except Exception as error:  # datasets' errors for unreadable files, missing splits, offline Hub, ...
-        reason, cause = one_line(error), error.__cause__ or error.__context__
-        while cause is not None and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if cause is not None:  # datasets wraps the reader's error in "An error occurred while generating ..."
-            reason += f" ({type(cause).__name__}: {one_line(cause)})"
-        raise UsageError(f"cannot load the data ({source or 'the shipped Shakespeare text'}): {reason}") from error
-    for split, dataset in raw_datasets.items():
-        if len(dataset) == 0:
-            raise UsageError(f"the {split!r} split of {source or 'the data'} is empty: no text to train on")
-    return raw_datasets
+    return lm_data.load_checked_datasets(
+        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file, validation_file=data_args.validation_file,
+        validation_split_percentage=data_args.validation_split_percentage,
+        validation_split_seed=data_args.validation_split_seed, keep_linebreaks=data_args.keep_linebreaks,
+        cache_dir=model_args.cache_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
