@@ -15,7 +15,7 @@ Writes to ``--output_dir``: checkpoints, the final model and tokenizer, ``train_
 ``eval_results.json`` (eval loss, perplexity), ``embedding_results.json`` (isotropy and friends of the final
 embeddings) and ``all_results.json`` (all of them).
 
-Interruptions and bad input (see the README's "Reliability"): SIGINT/SIGTERM save a checkpoint at the end of the
+Interruptions and bad input (see docs/reliability.md): SIGINT/SIGTERM save a checkpoint at the end of the
 current step and exit with 130/143; running the same command again resumes from the newest complete checkpoint
 in ``--output_dir`` (``--overwrite_output_dir`` starts over; a finished run is refused). Bad arguments, recipes,
 data, tokenizers, checkpoints and output folders end with one line ``train.py: error: <reason>`` on stderr and exit

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end and report what the README's performance tables are made of.
+"""The benchmark scripts run end to end and report what the performance tables of docs/performance.md are made of.
 
 How fast anything is, is not tested here (timings on a shared machine are not test material): the tests check the
 structure and the arithmetic that does not depend on the clock (state bytes, the bytes model, the baseline's ratio).

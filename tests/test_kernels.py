@@ -523,7 +523,7 @@ def test_cpp_path_checks_every_coupled_tensor_before_writing_any(bad, policy, mo
 def test_compiled_optimizer_step_runs_as_many_graphs_whatever_the_parameter_count(impl):
     """``torch.compile(opt.step)`` gives the same numbers as eager, and one step runs a fixed number of compiled
     graphs (no graph break per parameter) when ``capture_scalar_outputs`` lets the step counter's ``.item()``
-    trace and ``nonfinite="ignore"`` drops the data-dependent skip branch (the README explains both)."""
+    trace and ``nonfinite="ignore"`` drops the data-dependent skip branch (docs/performance.md explains both)."""
     from torch._inductor.compile_fx import compile_fx
 
     kernel = dict(foreach=True) if impl == "foreach" else dict(fused=True)
