@@ -19,6 +19,8 @@ __all__ = ["CoupledAdam", "coupled_adam", "kernel_policy", "__version__"]
 # Hugging Face integration, imported on first use so that `import coupled_adam_hf` stays light (no transformers).
 _LAZY_HF_EXPORTS = {
     "CoupledAdamTrainer": ".trainer",
+    "CoupledAdamFactory": ".factory",
+    "coupled_adam_optimizer": ".factory",
     "GradientValueClippingCallback": ".callbacks",
     "SaveOnSignalCallback": ".callbacks",
     "add_isotropy_logging": ".callbacks",
