@@ -17,11 +17,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-
-import shutil
 
 import torch
 from transformers import TrainingArguments
@@ -29,9 +28,10 @@ from transformers import TrainingArguments
 from .cli import UsageError
 
 __all__ = [
-    "NonFiniteTrainingError",
     "RUN_FILES",
     "STALE_RESULT_FILES",
+    "NonFiniteTrainingError",
+    "check_output_dir",
     "checkpoint_problem",
     "checkpoint_shape_mismatches",
     "checkpoint_step",
@@ -191,6 +191,12 @@ def checkpoint_shape_mismatches(path: str | os.PathLike, model: torch.nn.Module)
 
 
 # ------------------------------------------------------------------------------------------- output folder
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """UsageError if ``output_dir`` exists but is not a folder (nothing is created)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is not a directory")
+
+
 def resolve_checkpoint(training_args: TrainingArguments, *, log: bool = True) -> str | None:
     """``--resume_from_checkpoint``: a checkpoint folder, or ``true``/``last`` for the newest complete one in
     output_dir (newer ones that a crash left incomplete are skipped with a warning). UsageError if there is none or
@@ -239,6 +245,7 @@ def prepare_output_dir(training_args: TrainingArguments, *, delete_stale: bool =
     """
     value = training_args.resume_from_checkpoint
     resume_asked = value is not None and str(value).lower() not in ("", "false", "none")
+    check_output_dir(training_args.output_dir)
     if training_args.do_train and resume_asked and training_args.overwrite_output_dir:
         raise UsageError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: give one of them")
     explicit = resolve_checkpoint(training_args, log=delete_stale)

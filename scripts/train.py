@@ -46,6 +46,7 @@ from coupled_adam_hf.perplexity import model_context_length
 from coupled_adam_hf.recipes import parse_args_with_recipe
 from coupled_adam_hf.reliability import (
     NonFiniteTrainingError,
+    check_output_dir,
     checkpoint_shape_mismatches,
     find_resumable_checkpoint,
     model_folder_problem,
@@ -55,6 +56,11 @@ from coupled_adam_hf.trainer import CoupledAdamTrainer
 from coupled_adam_hf.training_args import COUPLED_ADAM, CoupledAdamTrainingArguments
 
 logger = logging.getLogger("coupled_adam_hf.train")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (``runs/x`` and ``org/model`` look alike: only these prefixes tell)."""
+    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep))
 
 
 @dataclass
@@ -106,6 +112,29 @@ class ModelArguments:
             self.config_overrides = ",".join(f"{k}={v}" for k, v in self.config_overrides.items())
         if self.model_name_or_path is None and self.tokenizer_name is None and not self.tokenizer_vocab_size >= 257:
             raise ValueError(f"--tokenizer_vocab_size must be >= 257, got {self.tokenizer_vocab_size}")
+        # What the arguments name, checked before anything is read or written: local folders exist and are readable,
+        # a fresh model's config and --config_overrides apply.
+        for flag, name in (("--model_name_or_path", self.model_name_or_path), ("--config_name", self.config_name)):
+            if name is not None and os.path.isdir(name):
+                problem = model_folder_problem(name, weights=flag == "--model_name_or_path")
+                if problem:
+                    raise UsageError(f"{flag} {name!r} is not a usable model folder: {problem}")
+            elif name is not None and _looks_local(name):
+                raise UsageError(f"{flag} {name!r}: no such folder")
+        name = self.tokenizer_name
+        if name is not None and not os.path.exists(name) and _looks_local(name):
+            raise UsageError(f"--tokenizer_name {name!r}: no such folder or file")
+        if self.model_name_or_path is None and self.config_name is None:
+            try:
+                config = AutoConfig.for_model(self.model_type)
+            except Exception as error:
+                raise UsageError(f"--model_type {self.model_type!r}: {one_line(error)}") from error
+            try:
+                if self.config_overrides:
+                    config.update_from_string(self.config_overrides)
+            except Exception as error:
+                raise UsageError(f"--config_overrides {self.config_overrides!r}: {one_line(error)} (write key=value "
+                                 "pairs separated by commas, with keys of the model's config)") from error
 
 
 @dataclass
@@ -155,6 +184,12 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self):
+        if self.dataset_name is None or self.dataset_name in ("text", "json", "csv", "parquet", "arrow"):
+            for flag, path in (("--train_file", self.train_file), ("--validation_file", self.validation_file)):
+                if path is not None:
+                    lm_data.check_data_file(flag, path)  # exists, not empty
+        elif _looks_local(self.dataset_name) and not os.path.exists(self.dataset_name):
+            raise UsageError(f"--dataset_name {self.dataset_name!r}: no such folder")
         for flag, value, minimum in (("--block_size", self.block_size, 2),
                                      ("--max_train_samples", self.max_train_samples, 1),
                                      ("--max_eval_samples", self.max_eval_samples, 1),
@@ -177,77 +212,13 @@ def parse_args(argv: list[str] | None = None):
     return parse_args_with_recipe(parser(), argv, script="scripts/train.py")
 
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a Hub id (``runs/x`` and ``org/model`` look alike: only these prefixes tell)."""
-    return name.startswith((".", "/", "~")) or name.endswith(("/", os.sep))
-
-
-def validate_arguments(model_args, data_args, training_args) -> None:
-    """The checks of what the arguments name, before anything is read or written; UsageError on the first problem.
-
-    Local files exist and are not empty, local model/tokenizer folders are readable, a fresh model's config and
-    ``--config_overrides`` apply. (Numbers are checked by the argument dataclasses themselves.)
-    """
-    packaged_builders = {"text", "json", "csv", "parquet", "arrow"}
-    if data_args.dataset_name is None or data_args.dataset_name in packaged_builders:
-        for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
-            if path is not None:
-                lm_data.check_data_file(flag, path)
-    elif _looks_local(data_args.dataset_name) and not os.path.exists(data_args.dataset_name):
-        raise UsageError(f"--dataset_name {data_args.dataset_name!r}: no such folder")
-
-    for flag, name in (("--model_name_or_path", model_args.model_name_or_path),
-                       ("--config_name", model_args.config_name)):
-        if name is None:
-            continue
-        if os.path.isdir(name):
-            problem = model_folder_problem(name, weights=flag == "--model_name_or_path")
-            if problem:
-                raise UsageError(f"{flag} {name!r} is not a usable model folder: {problem}")
-        elif _looks_local(name):
-            raise UsageError(f"{flag} {name!r}: no such folder")
-    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
-        raise UsageError(f"--output_dir {training_args.output_dir} is not a directory")
-    tokenizer_name = model_args.tokenizer_name
-    if tokenizer_name is not None and not os.path.exists(tokenizer_name) and _looks_local(tokenizer_name):
-        raise UsageError(f"--tokenizer_name {tokenizer_name!r}: no such folder or file")
-
-    if model_args.model_name_or_path is None and model_args.config_name is None:
-        try:
-            config = AutoConfig.for_model(model_args.model_type)
-        except Exception as error:
-            raise UsageError(f"--model_type {model_args.model_type!r}: {one_line(error)}") from error
-        if model_args.config_overrides:
-            try:
-                config.update_from_string(model_args.config_overrides)
-            except Exception as error:
-                raise UsageError(f"--config_overrides {model_args.config_overrides!r}: {one_line(error)} (write "
-                                 "key=value pairs separated by commas, with keys of the model's config)") from error
-
-
 def check_arguments(argv: list[str] | None = None):
-    """Parse and validate without reading data, loading a model or writing anything: ``parse_args`` plus
-    ``validate_arguments``. Raises UsageError (or SystemExit from argparse) for bad input."""
+    """:func:`parse_args`, and ``--output_dir`` is a folder if it exists: every check that needs neither data nor
+    a model (each argument dataclass checks what it holds), without writing anything. Raises UsageError (or
+    SystemExit from argparse) for bad input."""
     model_args, data_args, training_args = parse_args(argv)
-    validate_arguments(model_args, data_args, training_args)
+    check_output_dir(training_args.output_dir)
     return model_args, data_args, training_args
-
-
-def setup_logging(training_args: CoupledAdamTrainingArguments) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()  # the main process logs at INFO unless --log_level says less
-    log_level = training_args.get_process_log_level()
-    for name in ("coupled_adam_hf",):
-        logging.getLogger(name).setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
 
 
 def _load(what: str, name: str, load, *args, **kwargs):
@@ -281,18 +252,6 @@ def build_tokenizer(model_args, data_args, training_args, raw_datasets, checkpoi
     )
     tokenizer.trained_by_this_run = True
     return tokenizer
-
-
-def check_coupled_targets(model, training_args) -> None:
-    """Resolve --coupled_targets on the built model before anything is written (UsageError lists its embeddings)."""
-    uses_groups = training_args.optim == COUPLED_ADAM or training_args.baseline_grouping
-    targets = training_args.coupled_target_list
-    if not uses_groups or not targets:
-        return
-    try:
-        find_coupled_parameters(model, targets)
-    except ValueError as error:
-        raise UsageError(f"--coupled_targets {training_args.coupled_targets!r}: {one_line(error)}") from error
 
 
 def build_model(model_args, tokenizer):
@@ -378,37 +337,56 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     became NaN (``exit_code`` 1) or a signal stopped training after saving a checkpoint (``exit_code`` 128 + the
     signal number). ``python scripts/train.py`` turns them into one line on stderr (:func:`run_cli`).
     """
+    # 1. Arguments: recipe + flags, each checked by the dataclass that owns it.
     model_args, data_args, training_args = check_arguments(argv)
-    setup_logging(training_args)
+
+    # 2. Logging, as run_clm.py sets it up: the main process at INFO, the others at WARNING.
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()  # the main process logs at INFO unless --log_level says less
+    log_level = training_args.get_process_log_level()
+    logging.getLogger("coupled_adam_hf").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
     logger.warning(
         f"Process rank {training_args.process_index} of {training_args.world_size}, device {training_args.device}, "
         f"optim {getattr(training_args.optim, 'value', training_args.optim)}"
     )
     logger.info(f"Training arguments: {training_args}")
-    # Decide what to do with --output_dir (refusals come here, before anything is read or written).
+
+    # 3. What to do with --output_dir: the decision alone (refusals come here, before anything is read or written).
     checkpoint = prepare_output_dir(training_args, delete_stale=False)
     set_seed(training_args.seed)
 
+    # 4. Raw text.
     with training_args.main_process_first(desc="loading the data"):
         raw_datasets = load_data(model_args, data_args)
 
-    # Tokenizer and model, and every check that needs them. Each node's main process goes first and, once all
+    # 5. Tokenizer and model, and every check that needs them. Each node's main process goes first and, once all
     # checks passed, takes the folder (one run per output folder), applies --overwrite_output_dir and saves the
     # tokenizer it trained; the other processes then load that tokenizer.
     run_lock = OutputDirLock(training_args.output_dir, what="training run")
     with training_args.main_process_first(local=True, desc="building the tokenizer and the model"):
         tokenizer = build_tokenizer(model_args, data_args, training_args, raw_datasets, checkpoint)
         model = build_model(model_args, tokenizer)
-        if checkpoint is not None:
-            mismatches = checkpoint_shape_mismatches(checkpoint, model)
-            if mismatches:
-                raise UsageError(
-                    f"{checkpoint} does not fit the model built from these arguments ({'; '.join(mismatches[:2])}): "
-                    "the model or tokenizer arguments changed since that run. Use that run's arguments, or "
-                    "--overwrite_output_dir / another --output_dir to start a new one"
-                )
+        mismatches = checkpoint_shape_mismatches(checkpoint, model) if checkpoint is not None else []
+        if mismatches:
+            raise UsageError(
+                f"{checkpoint} does not fit the model built from these arguments ({'; '.join(mismatches[:2])}): "
+                "the model or tokenizer arguments changed since that run. Use that run's arguments, or "
+                "--overwrite_output_dir / another --output_dir to start a new one"
+            )
         block_size = default_block_size(model, tokenizer, data_args.block_size)
-        check_coupled_targets(model, training_args)
+        # --coupled_targets resolved on the built model now, not when the trainer builds the optimizer
+        if (training_args.optim == COUPLED_ADAM or training_args.baseline_grouping) \
+                and training_args.coupled_target_list:
+            try:
+                find_coupled_parameters(model, training_args.coupled_target_list)
+            except ValueError as error:
+                raise UsageError(f"--coupled_targets {training_args.coupled_targets!r}: {one_line(error)}") from error
         try:
             lm_datasets = lm_data.tokenize_and_group(
                 raw_datasets, tokenizer, block_size, text_column=data_args.text_column_name,
@@ -417,81 +395,81 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
         except ValueError as error:  # too little text for one block, a missing text column
             raise UsageError(one_line(error)) from error
+
+        # 6. Every check passed: the first writes.
         if training_args.should_save:
             run_lock.acquire()  # exit 2 at once if another run holds the folder
             checkpoint = prepare_output_dir(training_args)  # again, now that no other run can change the folder
         if getattr(tokenizer, "trained_by_this_run", False):
             os.makedirs(training_args.output_dir, exist_ok=True)
             tokenizer.save_pretrained(training_args.output_dir)
+
     try:
-        return _train_and_evaluate(data_args, training_args, tokenizer, model, lm_datasets, block_size, checkpoint)
+        # 7. Datasets and trainer.
+        train_dataset, eval_dataset = lm_datasets["train"], lm_datasets["validation"]
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+        logger.info(f"{len(train_dataset)} training and {len(eval_dataset)} validation blocks of {block_size} tokens")
+        on_signal = SaveOnSignalCallback()
+        trainer = CoupledAdamTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset if training_args.do_train else None,
+            eval_dataset=eval_dataset if training_args.do_eval else None,
+            processing_class=tokenizer,
+            data_collator=lm_data.CausalLMBlockCollator(),
+            callbacks=[on_signal],
+        )
+
+        # 8. Training.
+        results: dict[str, float] = {}
+        if training_args.do_train:
+            try:
+                train_result = trainer.train(resume_from_checkpoint=checkpoint)
+            except NonFiniteTrainingError as error:
+                last_good, _ = find_resumable_checkpoint(training_args.output_dir)
+                advice = (f"the last good checkpoint is {last_good}: resume from it (--resume_from_checkpoint "
+                          f"{last_good}) with a lower --learning_rate, more --warmup_steps or --max_grad_norm"
+                          if last_good else "no checkpoint was saved before it")
+                raise CLIError(f"training diverged: {error}; {advice}") from error
+            finally:
+                on_signal.restore_handlers()  # train() skips on_train_end when it raises
+            if on_signal.stopped_at_step is not None:
+                saved = os.path.join(training_args.output_dir, f"checkpoint-{on_signal.stopped_at_step}")
+                raise CLIError(
+                    f"interrupted by {on_signal.signal_name} at step {on_signal.stopped_at_step} of "
+                    f"{trainer.state.max_steps}: saved {saved}; run the same command again to resume from it",
+                    exit_code=128 + on_signal.received,
+                )
+            metrics = dict(train_result.metrics)
+            metrics["train_samples"] = len(train_dataset)
+            metrics["train_world_size"] = training_args.world_size
+            trainer.log_metrics("train", metrics)
+            with final_writes(training_args.output_dir):
+                trainer.save_model()  # also saves the tokenizer
+                trainer.save_metrics("train", metrics)  # written after the model: its presence means "finished"
+                trainer.save_state()
+            results.update(metrics)
+            if data_args.embedding_metrics and trainer.is_world_process_zero():
+                embedding = embedding_results(trainer.model, train_dataset)
+                if embedding:
+                    trainer.log_metrics("embedding", embedding)
+                    trainer.save_metrics("embedding", embedding)
+                    results.update(embedding)
+
+        # 9. Evaluation.
+        if training_args.do_eval:
+            metrics = trainer.evaluate()
+            metrics["eval_samples"] = len(eval_dataset)
+            metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
+            results.update(metrics)
+        return results
     finally:
         run_lock.release()
-
-
-def _train_and_evaluate(data_args, training_args, tokenizer, model, lm_datasets, block_size,
-                        checkpoint) -> dict[str, float]:
-    train_dataset, eval_dataset = lm_datasets["train"], lm_datasets["validation"]
-    if data_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
-    logger.info(f"{len(train_dataset)} training and {len(eval_dataset)} validation blocks of {block_size} tokens")
-
-    on_signal = SaveOnSignalCallback()
-    trainer = CoupledAdamTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset if training_args.do_train else None,
-        eval_dataset=eval_dataset if training_args.do_eval else None,
-        processing_class=tokenizer,
-        data_collator=lm_data.CausalLMBlockCollator(),
-        callbacks=[on_signal],
-    )
-
-    results: dict[str, float] = {}
-    if training_args.do_train:
-        try:
-            train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        except NonFiniteTrainingError as error:
-            last_good, _ = find_resumable_checkpoint(training_args.output_dir)
-            advice = (f"the last good checkpoint is {last_good}: resume from it (--resume_from_checkpoint "
-                      f"{last_good}) with a lower --learning_rate, more --warmup_steps or --max_grad_norm"
-                      if last_good else "no checkpoint was saved before it")
-            raise CLIError(f"training diverged: {error}; {advice}") from error
-        finally:
-            on_signal.restore_handlers()  # train() skips on_train_end when it raises
-        if on_signal.stopped_at_step is not None:
-            saved = os.path.join(training_args.output_dir, f"checkpoint-{on_signal.stopped_at_step}")
-            raise CLIError(
-                f"interrupted by {on_signal.signal_name} at step {on_signal.stopped_at_step} of "
-                f"{trainer.state.max_steps}: saved {saved}; run the same command again to resume from it",
-                exit_code=128 + on_signal.received,
-            )
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        metrics["train_world_size"] = training_args.world_size
-        trainer.log_metrics("train", metrics)
-        with final_writes(training_args.output_dir):
-            trainer.save_model()  # also saves the tokenizer
-            trainer.save_metrics("train", metrics)  # written after the model: its presence means "finished"
-            trainer.save_state()
-        results.update(metrics)
-        if data_args.embedding_metrics and trainer.is_world_process_zero():
-            embedding = embedding_results(trainer.model, train_dataset)
-            if embedding:
-                trainer.log_metrics("embedding", embedding)
-                trainer.save_metrics("embedding", embedding)
-                results.update(embedding)
-
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-    return results
 
 
 if __name__ == "__main__":
