@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """AdamW vs Coupled Adam, end to end, offline: train both, evaluate both, write a report with figures.
 
-    python scripts/demo.py                       # ~10 minutes on 2 CPU cores: quickstart recipes, 400 steps each
-    python scripts/demo.py --long                # a bigger model trained longer (about an hour on 2 cores)
+    python scripts/demo.py                       # quickstart recipes, 400 steps each (CPU-sized)
+    python scripts/demo.py --long                # a bigger model trained longer
     python scripts/demo.py --family              # add SGD, SGD+momentum, Nesterov, Adagrad and RMSprop runs
     python scripts/demo.py --study avg_scale     # a study of the paper: avg_scale, embedding_sgd, seeds, length
     python scripts/demo.py --reuse               # keep finished runs/evaluations, redo only what is missing

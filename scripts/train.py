@@ -319,17 +319,6 @@ def embedding_results(model, train_dataset) -> dict[str, float]:
     return results
 
 
-def load_data(model_args, data_args):
-    """The raw train/validation splits; unreadable or empty data raises UsageError."""
-    return lm_data.load_checked_datasets(
-        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-        train_file=data_args.train_file, validation_file=data_args.validation_file,
-        validation_split_percentage=data_args.validation_split_percentage,
-        validation_split_seed=data_args.validation_split_seed, keep_linebreaks=data_args.keep_linebreaks,
-        cache_dir=model_args.cache_dir,
-    )
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train and evaluate; returns the metrics written to all_results.json.
 
@@ -363,7 +352,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 4. Raw text.
     with training_args.main_process_first(desc="loading the data"):
-        raw_datasets = load_data(model_args, data_args)
+        raw_datasets = lm_data.load_checked_datasets(  # unreadable or empty data: UsageError
+            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+            train_file=data_args.train_file, validation_file=data_args.validation_file,
+            validation_split_percentage=data_args.validation_split_percentage,
+            validation_split_seed=data_args.validation_split_seed, keep_linebreaks=data_args.keep_linebreaks,
+            cache_dir=model_args.cache_dir,
+        )
 
     # 5. Tokenizer and model, and every check that needs them. Each node's main process goes first and, once all
     # checks passed, takes the folder (one run per output folder), applies --overwrite_output_dir and saves the
