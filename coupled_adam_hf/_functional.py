@@ -8,8 +8,6 @@ temporaries. The fused routes live in ``_fused``, which also chooses the route o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -17,11 +15,9 @@ from torch.optim import Optimizer
 from . import _fused, _kernels
 from ._fused import Route
 from ._kernels import bias_corrections
-from ._state import any_dtensor, local
+from ._state import Reducer, any_dtensor, column_mean, local
 
 __all__ = ["coupled_adam", "grad_sq_column_mean", "sgd_step"]
-
-Reducer = Callable[[Tensor], Tensor]
 
 
 def coupled_adam(
@@ -182,9 +178,7 @@ def _single_tensor_coupled(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
 
 
 def _global_column_mean(x: Tensor, reducer: Reducer | None) -> Tensor:
-    if reducer is None:
-        return x.mean(dim=0, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-    return reducer(x.sum(dim=0, keepdim=True))
+    return column_mean(x) if reducer is None else reducer(x.sum(dim=0, keepdim=True))
 
 
 def _begin_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float,

@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from . import _cpu_kernels, _kernels
 from ._kernels import bias_corrections
-from ._state import local
+from ._state import Reducer, local
 
 __all__ = [
     "GroupTensors", "Route", "choose_routes", "compiled_adamw", "implementation_of", "native_coupled_step", "one_pass_coupled",
@@ -47,7 +47,6 @@ __all__ = [
 _TORCH_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
 
-Reducer = Callable[[Tensor], Tensor]
 
 
 class Route(enum.Enum):
@@ -104,7 +103,8 @@ def choose_routes(implementation: str, tensors: GroupTensors, *, coupled: bool, 
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = tensors
     n = len(params)
     no_kernels: list[Callable[..., Any] | None] = [None] * n
-    if eligible is not None and not coupled and all(eligible) and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if eligible is not None and not coupled and all(eligible) and not compiling:
         return [Route.TORCH_FUSED] * n, no_kernels  # the common case first: it runs for every group, every step
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -119,9 +119,9 @@ def choose_routes(implementation: str, tensors: GroupTensors, *, coupled: bool, 
             eligible = [e and m.dtype == p.dtype for e, p, m in zip(
                 torch_fused_eligible(params, coupled=False, implementation=implementation, state_dtype=None),
                 params, exp_avgs)]
-        if not torch.compiler.is_compiling() and all(eligible):
+        if not compiling and all(eligible):
             return [Route.TORCH_FUSED] * n, no_kernels
-        fused = [e and not torch.compiler.is_compiling() for e in eligible]
+        fused = [e and not compiling for e in eligible]
         # the rest (half-precision params with float32 state): one compiled pass each for large models
         rest = [local(p) for p, f in zip(params, fused) if not f]
         other = Route.COMPILED if _kernels.compile_wanted_for(rest) else Route.FOREACH
@@ -215,14 +215,17 @@ def one_pass_coupled(route: Route, param: Tensor, grad: Tensor, exp_avg: Tensor,
                              maximize=maximize, exp_avg_sq=None if compact else v, beta2=beta2, compiled=compiled)
 
 
-class NativeItem:
+class NativeItem(NamedTuple):
     """A coupled tensor of :func:`native_coupled_step`: its C++ kernel, tensors and group hyperparameters."""
 
-    __slots__ = ("kernel", "param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "hyper")
-
-    def __init__(self, kernel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, hyper):
-        self.kernel, self.param, self.grad, self.exp_avg = kernel, param, grad, exp_avg
-        self.exp_avg_sq, self.max_exp_avg_sq, self.step, self.hyper = exp_avg_sq, max_exp_avg_sq, step, hyper
+    kernel: Callable[..., Any]
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
+    step: Tensor
+    hyper: dict[str, Any]
 
     def run(self, *, grad_sq_mean: Tensor | None, check_finite: bool = False) -> bool:
         h = self.hyper

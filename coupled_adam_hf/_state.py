@@ -16,6 +16,7 @@ full: broadcast over rows, which has the same column mean) and refuses the one d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,11 +28,15 @@ except ImportError:  # a torch built without distributed support has no DTensors
     DTensor = ()  # type: ignore[assignment,misc]
 
 __all__ = [
-    "STRUCTURAL_KEYS", "any_dtensor", "check_state_layout", "column_mean", "column_state_dtype", "convert_second_moments",
+    "STRUCTURAL_KEYS", "Reducer", "any_dtensor", "check_state_layout", "column_mean", "column_state_dtype", "convert_second_moments",
     "init_state", "is_dtensor", "local", "param_label", "state_dtype", "state_dtypes", "to_like",
 ]
 
 _CPU = torch.device("cpu")
+
+#: For a coupled tensor whose rows are sharded over ranks: the map from a local per-column sum over rows to the
+#: global per-column mean (see ``coupled_adam_hf.distributed.row_sharded_column_mean``).
+Reducer = Callable[[Tensor], Tensor]
 
 #: Param-group keys that describe how state is laid out, not hyperparameters: ``load_state_dict`` keeps the values
 #: this optimizer was built with and converts the loaded state to them.

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from . import _fused, _state
 from ._functional import coupled_adam, grad_sq_column_mean, sgd_step
 from ._fused import Route
-from ._state import is_dtensor, param_label
+from ._state import Reducer, is_dtensor, param_label
 
 __all__ = ["CoupledAdam", "coupled_adam"]
 
@@ -54,8 +54,6 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "foreach": None,
     "fused": None,
 }
-
-Reducer = Callable[[Tensor], Tensor]
 
 
 @dataclass(slots=True)
@@ -201,7 +199,7 @@ class CoupledAdam(Optimizer):
         self.skipped_steps = 0
         # Hook for sharded coupled tensors (see coupled_adam_hf.distributed): maps a param to a function that
         # turns a local per-column *sum* over rows into the global per-column mean. None: local mean.
-        self._column_reducers: dict[Tensor, Callable[[Tensor], Tensor]] = {}
+        self._column_reducers: dict[Tensor, Reducer | None] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation

@@ -36,11 +36,11 @@ from coupled_adam_hf import cli
 from coupled_adam_hf.cli import MissingInputError, OutputExistsError, UsageError, one_line, run_cli
 from coupled_adam_hf.locking import OutputDirLock
 from coupled_adam_hf.metrics import DEFAULT_TOP_K, ISO_SIGN_CONVENTION, embedding_metrics, read_token_counts
-from coupled_adam_hf.partition import model_embeddings
+from coupled_adam_hf.partition import TARGET_KINDS, model_embeddings
 
 logger = logging.getLogger("eval_isotropy")
 
-MATRIX_KINDS = ("token", "output", "position", "token_type")
+MATRIX_KINDS = TARGET_KINDS  # token, output, position, token_type
 VOCABULARY_KINDS = ("token", "output")  # rows are tokens: counts apply, figures are drawn
 RESULTS_FILE = "isotropy.json"
 
