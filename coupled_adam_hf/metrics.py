@@ -55,6 +55,8 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_TOP_K",
     "ISO_SIGN_CONVENTION",
+    "abtt_components",
+    "all_but_the_top",
     "embedding_metrics",
     "pca_projection",
     "quick_isotropy",
@@ -384,6 +386,34 @@ def singular_values(weight: Tensor, *, centered: bool = False) -> Tensor:
     if centered:
         matrix = matrix - matrix.mean(dim=0)
     return torch.linalg.svdvals(matrix).cpu()
+
+
+def abtt_components(hidden_size: int) -> int:
+    """``D = ceil(H / 100)``: the number of top principal directions all-but-the-top removes (Mu & Viswanath, 2018)."""
+    return max(1, math.ceil(hidden_size / 100))
+
+
+def all_but_the_top(weight: Tensor, num_components: int | None = None) -> Tensor:
+    """All-but-the-top post-processing (Mu & Viswanath, 2018): ``E - mu`` minus its top ``D`` principal components.
+
+    ``e_i -> (e_i - mu) - sum_{d <= D} (u_d . (e_i - mu)) u_d`` with ``u_d`` the leading eigenvectors of the
+    covariance of the rows; ``D`` defaults to :func:`abtt_components` (``ceil(H / 100)``). Returns a float64
+    ``[V, H]`` matrix on the input's device. The top directions of a covariance are its well-conditioned end, so
+    they come from ``eigh`` of the ``H x H`` matrix (one Gram product) rather than an SVD of ``E``.
+    """
+    matrix = _as_float64_matrix(weight)
+    hidden = matrix.shape[1]
+    if num_components is None:
+        num_components = abtt_components(hidden)
+    if not 0 <= num_components < hidden:
+        raise ValueError(f"num_components must be in [0, {hidden - 1}] for H = {hidden}, got {num_components}")
+    centered = matrix - matrix.mean(dim=0)
+    if num_components == 0:
+        return centered
+    covariance = centered.T @ centered
+    _, eigenvectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    top = eigenvectors[:, -num_components:]
+    return centered - (centered @ top) @ top.T
 
 
 def pca_projection(weight: Tensor, num_components: int = 2, *, centered: bool = False) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coupled_adam_hf.metrics import (
+    abtt_components,
+    all_but_the_top,
     embedding_metrics,
     pca_projection,
     quick_isotropy,
@@ -350,3 +352,23 @@ def test_a_healthy_matrix_gives_no_degeneracy_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         embedding_metrics(torch.randn(50, 8))
+
+
+def test_all_but_the_top_matches_its_definition():
+    """Against a plain numpy PCA: rows centered, then the top-D principal components projected out."""
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(300, 20)) @ np.diag(np.linspace(5.0, 0.1, 20)) + 3.0
+    reference = matrix - matrix.mean(axis=0)
+    _, _, vt = np.linalg.svd(reference, full_matrices=False)
+    for d in (0, 1, 3):
+        top = vt[:d].T
+        expected = reference - reference @ top @ top.T
+        got = all_but_the_top(torch.from_numpy(matrix), d).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-10)
+    assert abtt_components(20) == 1 and abtt_components(768) == 8 and abtt_components(100) == 1
+    default = all_but_the_top(torch.from_numpy(matrix)).numpy()
+    np.testing.assert_allclose(default, reference - reference @ vt[:1].T @ vt[:1], atol=1e-10)
+    # The result is mean-free and orthogonal to the removed directions.
+    assert np.abs(default.mean(axis=0)).max() < 1e-10
+    with pytest.raises(ValueError, match="num_components"):
+        all_but_the_top(torch.from_numpy(matrix), 20)
