@@ -2,7 +2,11 @@
 
 - :class:`CoupledAdam`: the optimizer (a ``torch.optim.Optimizer``; knows nothing of transformers).
 - :func:`partition_parameters`: a model's param groups (coupled embeddings, decayed, not decayed).
+- :class:`CoupledAdamFactory`, :func:`coupled_adam_optimizer`: Coupled Adam from any ``Trainer``
+  (``optimizer_cls_and_kwargs``).
 - :class:`CoupledAdamTrainingArguments`, :class:`CoupledAdamTrainer`: ``--optim coupled_adam`` for ``Trainer``.
+- :func:`register_with_transformers`: ``optim="coupled_adam"`` for every ``TrainingArguments`` and plain ``Trainer``
+  in this process; ``python -m coupled_adam_hf.run`` runs an unmodified script or module with it.
 - :func:`embedding_metrics`, :func:`quick_isotropy`, :func:`evaluate_perplexity`, :class:`EmbeddingIsotropyCallback`:
   evaluation (isotropy of embedding matrices, sliding-window perplexity, logging during training).
 """
@@ -21,6 +25,7 @@ _LAZY_HF_EXPORTS = {
     "CoupledAdamTrainer": ".trainer",
     "CoupledAdamFactory": ".factory",
     "coupled_adam_optimizer": ".factory",
+    "register_with_transformers": ".registration",
     "GradientValueClippingCallback": ".callbacks",
     "SaveOnSignalCallback": ".callbacks",
     "add_isotropy_logging": ".callbacks",

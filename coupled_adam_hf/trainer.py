@@ -5,12 +5,19 @@ weight decay ``coupled_weight_decay``), the decayed matrices (``weight_decay``) 
 decay), split by ``Trainer.get_decay_parameter_names``. With any other ``optim`` the trainer is ``Trainer``, unless
 ``baseline_grouping=True`` asks for the same three groups, uncoupled (the paper's AdamW baseline).
 
+The optimizer is built by :meth:`coupled_adam_hf.CoupledAdamFactory.build` with the keywords
+:func:`coupled_adam_hf.factory.coupled_adam_kwargs` reads from the arguments: the code path of the factory protocol
+and of a plain ``Trainer`` with ``optim="coupled_adam"``. This class adds the decay rule of
+``self.get_decay_parameter_names`` (a subclass may override it), the parallelism refusal at construction, the
+coupling log and the callbacks below.
+
 Everything else (gradient accumulation, clipping by norm, mixed precision, DDP, checkpoints, schedulers, logging)
 is ``Trainer``'s own. With :class:`~coupled_adam_hf.CoupledAdamTrainingArguments` the trainer adds two callbacks of
 ``coupled_adam_hf.callbacks``: clipping by value (``max_grad_value``) and, when ``isotropy_logging_steps > 0``,
 ``EmbeddingIsotropyCallback`` (bound to this trainer); and, with ``stop_on_nonfinite_loss`` (the default), a stop
 with :class:`coupled_adam_hf.reliability.NonFiniteTrainingError` when a training loss is NaN/inf (before that
-step's update) or when weights about to be saved are not finite. With plain ``TrainingArguments`` it is ``Trainer``.
+step's update) or when weights about to be saved are not finite. With plain ``TrainingArguments`` it is ``Trainer``
+(with ``optim="coupled_adam"``, registered, the coupling options come from ``--optim_args``).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from .callbacks import EmbeddingIsotropyCallback, GradientValueClippingCallback
 from .checkpointing import AtomicCheckpointMixin
 from .distributed import check_supported_parallelism
+from .factory import CoupledAdamFactory, coupled_adam_kwargs, describe_coupling, log_info
 from .optimizer import CoupledAdam
-from .partition import EmbeddingParameter, find_coupled_parameters, partition_parameters
+from .partition import (DEFAULT_TARGETS, EmbeddingParameter, find_coupled_parameters, parse_targets,
+                        partition_parameters)
 from .reliability import NonFiniteTrainingError, nonfinite_parameters
 from .training_args import COUPLED_ADAM, CoupledAdamTrainingArguments
 
@@ -66,7 +75,11 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
 
     @property
     def coupled_targets(self) -> tuple[str, ...]:
-        return self.coupling.coupled_target_list if self.coupling is not None else ()
+        if self.coupling is not None:
+            return self.coupling.coupled_target_list
+        if self.uses_coupled_adam:  # plain TrainingArguments with coupled_adam registered: --optim_args
+            return parse_targets(coupled_adam_kwargs(self.args).get("coupled_targets", ",".join(DEFAULT_TARGETS)))
+        return ()
 
     def _coupling_callbacks(self) -> list[TrainerCallback]:
         for callback in self.callback_handler.callbacks:  # a user's own: hand this trainer over
@@ -152,27 +165,8 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
         return self.optimizer
 
     def _create_coupled_adam(self, model: nn.Module) -> CoupledAdam:
-        args = self.coupling  # (optim="coupled_adam" exists only in CoupledAdamTrainingArguments)
-        groups = self.coupled_param_groups(model, coupled=True)
-        update, factor = args.coupled_update, args.coupled_lr_factor
-        for group in groups:
-            if group.get("coupled"):
-                # the paper's §6.2 ablation: SGD on the embeddings at factor x lr; Trainer's scheduler scales every
-                # group's initial_lr, so this group is warmed up and decayed like the others
-                group["lr"] = factor * args.learning_rate
-                if update == "sgd":
-                    group.update(coupled=False, update="sgd")
-        return CoupledAdam(
-            groups,
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            weight_decay=args.weight_decay,
-            avg_scale=args.coupled_avg_scale,
-            compact=args.coupled_compact_state,
-            nonfinite=args.coupled_nonfinite,
-            **args.coupled_adam_optim_kwargs(),
-        )
+        kwargs = coupled_adam_kwargs(self.args)
+        return CoupledAdamFactory().build(model, decay_parameter_names=self.get_decay_parameter_names(model), **kwargs)
 
     def _create_baseline_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
@@ -189,13 +183,8 @@ class CoupledAdamTrainer(AtomicCheckpointMixin, Trainer):
         if self._coupling_logged or not self.is_world_process_zero():
             return
         self._coupling_logged = True
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        coupled = sum(e.numel for e in self.coupled_parameters)
-        what = "couples" if self.uses_coupled_adam else "groups (uncoupled baseline, same groups as coupled_adam)"
-        lines = [
-            f"{type(self.optimizer).__name__} {what} {len(self.coupled_parameters)} embedding tensor(s), "
-            f"{coupled:,} of {trainable:,} trainable parameters ({100.0 * coupled / max(trainable, 1):.1f}%), "
-            f"weight decay {self.coupling.coupled_weight_decay if self.coupling is not None else 0.0}:"
-        ]
-        lines += [f"  {e.describe()}" for e in self.coupled_parameters]
-        logger.info("\n".join(lines))
+        coupled_weight_decay = (self.coupling.coupled_weight_decay if self.coupling is not None else
+                                coupled_adam_kwargs(self.args).get("coupled_weight_decay", 0.0))
+        log_info(logger, describe_coupling(self.optimizer, model, self.coupled_parameters,
+                                           coupled_weight_decay=coupled_weight_decay,
+                                           baseline=not self.uses_coupled_adam))

@@ -1,13 +1,13 @@
 """``TrainingArguments`` that know ``--optim coupled_adam`` and the coupling options.
 
 ``TrainingArguments.optim`` is typed with the enum ``OptimizerNames``: ``HfArgumentParser`` turns an enum field
-into an argparse ``choices`` list, and ``__post_init__`` converts the value with ``OptimizerNames(...)``. An enum
-with members cannot be subclassed, so this module builds ``CoupledAdamOptimizerNames`` = every ``OptimizerNames``
-member (whatever the installed transformers has) + ``COUPLED_ADAM``, retypes the ``optim`` field with it (so
-``--help`` lists ``coupled_adam`` and a typo fails at parse time with the choices), and lets the base class
-validate built-in names as before. Built-in names end up as ``OptimizerNames`` members, exactly as with plain
-``TrainingArguments``; ``coupled_adam`` ends up as ``CoupledAdamOptimizerNames.COUPLED_ADAM`` (a ``str`` enum, so
-``args.optim == "coupled_adam"``; ``to_dict()`` writes ``"coupled_adam"``).
+into an argparse ``choices`` list, and ``__post_init__`` converts the value with ``OptimizerNames(...)``. Importing
+this module registers ``coupled_adam`` with transformers (:mod:`coupled_adam_hf.registration`, the same registration
+as :func:`coupled_adam_hf.register_with_transformers`): ``OptimizerNames.COUPLED_ADAM`` becomes a member, so
+``--help`` lists ``coupled_adam``, a typo fails at parse time with the choices, and ``coupled_adam`` ends up as an
+``OptimizerNames`` member like every built-in name (a ``str`` enum: ``args.optim == "coupled_adam"``; ``to_dict()``
+writes ``"coupled_adam"``). This class adds typed ``--coupled_*`` flags for the coupling options that plain
+``TrainingArguments`` take in ``--optim_args``.
 """
 
 from __future__ import annotations
@@ -18,28 +18,22 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
-from transformers.utils import ExplicitEnum
 
+from .factory import OPTIM_ARGS, parse_optim_args
 from .partition import DEFAULT_TARGETS, TARGET_KINDS, parse_targets
+from .registration import COUPLED_ADAM, register_with_transformers
 
 __all__ = ["COUPLED_ADAM", "CoupledAdamOptimizerNames", "CoupledAdamTrainingArguments", "COUPLED_ADAM_OPTIM_ARGS"]
 
-COUPLED_ADAM = "coupled_adam"
+register_with_transformers()  # (so a plain Trainer given these arguments builds CoupledAdam too)
 
-CoupledAdamOptimizerNames = ExplicitEnum(
-    "CoupledAdamOptimizerNames",
-    [(member.name, member.value) for member in OptimizerNames] + [("COUPLED_ADAM", COUPLED_ADAM)],
-    module=__name__,
-)
-CoupledAdamOptimizerNames.__doc__ = "Every `transformers.training_args.OptimizerNames` value plus `coupled_adam`."
+#: ``OptimizerNames`` with ``coupled_adam`` registered (the name this module used for its own enum before).
+CoupledAdamOptimizerNames = OptimizerNames
 
-#: Keys ``--optim_args`` accepts with ``coupled_adam``, each with the values it takes.
+#: Keys ``--optim_args`` accepts with ``coupled_adam`` here, each with the values it takes (the other coupling
+#: options are flags of their own).
 COUPLED_ADAM_OPTIM_ARGS: dict[str, tuple[str, ...]] = {
-    "amsgrad": ("true", "false"),
-    "maximize": ("true", "false"),
-    "foreach": ("true", "false"),
-    "fused": ("true", "false"),
-    "state_dtype": ("none", "float32", "float64"),
+    key: tuple(OPTIM_ARGS[key][0].split("|")) for key in ("amsgrad", "maximize", "foreach", "fused", "state_dtype")
 }
 
 _TARGETS_HELP = (
@@ -60,7 +54,7 @@ class CoupledAdamTrainingArguments(TrainingArguments):
     other ``optim`` training is plain ``Trainer`` (unless ``baseline_grouping``).
     """
 
-    optim: CoupledAdamOptimizerNames | str = field(  # type: ignore[valid-type]
+    optim: OptimizerNames | str = field(
         default=TrainingArguments.default_optim,
         metadata={
             "help": "The optimizer to use: 'coupled_adam' (Coupled Adam on the embeddings named by "
@@ -153,14 +147,8 @@ class CoupledAdamTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if isinstance(self.coupled_targets, (list, tuple)):  # a YAML/JSON list
             self.coupled_targets = ",".join(str(t) for t in self.coupled_targets)
-        # Unknown names fail here with the full list of choices (ExplicitEnum's message).
-        requested = CoupledAdamOptimizerNames(getattr(self.optim, "value", self.optim))
-        is_coupled = requested.value == COUPLED_ADAM
-        # The base class converts with OptimizerNames(...): give it a name it knows, then put ours back.
-        self.optim = OptimizerNames.ADAMW_TORCH.value if is_coupled else requested.value
+        # Unknown names fail in the base class with the full list of choices (ExplicitEnum's message).
         super().__post_init__()
-        if is_coupled:
-            self.optim = requested
         self._validate_numbers()
         self._validate_coupling()
 
@@ -231,31 +219,28 @@ class CoupledAdamTrainingArguments(TrainingArguments):
 
     def coupled_adam_optim_kwargs(self) -> dict[str, Any]:
         """``--optim_args`` for coupled_adam, e.g. ``"amsgrad=true,state_dtype=float32"``, as constructor kwargs."""
-        if not self.optim_args:
-            return {}
-        kwargs: dict[str, Any] = {}
-        for item in self.optim_args.replace(" ", "").split(","):
-            key, sep, value = item.partition("=")
-            value = value.lower()
-            if not sep or value not in COUPLED_ADAM_OPTIM_ARGS.get(key, ()):
-                accepted = "; ".join(f"{k}={'|'.join(v)}" for k, v in COUPLED_ADAM_OPTIM_ARGS.items())
-                raise ValueError(
-                    f"--optim_args {self.optim_args!r}: coupled_adam accepts comma-separated key=value pairs: "
-                    f"{accepted} (betas, eps and lr have their own flags: --adam_beta1, --adam_beta2, "
-                    "--adam_epsilon, --learning_rate)."
-                )
-            if value in ("true", "false"):
-                kwargs[key] = value == "true"
-            else:
-                kwargs[key] = None if value == "none" else value
-        return kwargs
+        return parse_optim_args(self.optim_args, tuple(COUPLED_ADAM_OPTIM_ARGS),
+                                note="; the coupling has flags of its own: --coupled_targets, "
+                                "--coupled_weight_decay, --coupled_avg_scale, ...")
+
+    def coupled_adam_options(self) -> dict[str, Any]:
+        """The keywords of :class:`coupled_adam_hf.CoupledAdamFactory` these arguments choose (besides lr, betas,
+        eps and weight decay)."""
+        return dict(
+            coupled_targets=self.coupled_target_list,
+            coupled_weight_decay=self.coupled_weight_decay,
+            avg_scale=self.coupled_avg_scale,
+            compact=self.coupled_compact_state,
+            nonfinite=self.coupled_nonfinite,
+            coupled_update=self.coupled_update,
+            coupled_lr_factor=self.coupled_lr_factor,
+            **self.coupled_adam_optim_kwargs(),
+        )
 
     def set_optimizer(self, name: str = "adamw_torch", *args, **kwargs):
-        """``TrainingArguments.set_optimizer`` that also takes ``name="coupled_adam"``."""
-        requested = CoupledAdamOptimizerNames(getattr(name, "value", name))
-        is_coupled = requested.value == COUPLED_ADAM
-        super().set_optimizer(OptimizerNames.ADAMW_TORCH if is_coupled else requested.value, *args, **kwargs)
-        if is_coupled:
-            self.optim = requested
+        """``TrainingArguments.set_optimizer``, which takes ``name="coupled_adam"`` (registered), plus the checks of
+        the coupling options."""
+        super().set_optimizer(name, *args, **kwargs)
+        if self.uses_coupled_adam:
             self._validate_coupling()
         return self
