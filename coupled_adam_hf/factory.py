@@ -144,11 +144,8 @@ def coupling_options(args: Any) -> dict[str, Any]:
     Raises:
         ValueError: for a bad ``--optim_args`` (one line listing the accepted keys).
     """
-    from .training_args import CoupledAdamTrainingArguments
-
-    if isinstance(args, CoupledAdamTrainingArguments):
-        return args.coupled_adam_options()
-    return parse_optim_args(args.optim_args)
+    typed = getattr(args, "coupled_adam_options", None)  # CoupledAdamTrainingArguments
+    return typed() if typed is not None else parse_optim_args(args.optim_args)
 
 
 def _factory_kwargs(args: Any, coupling: dict[str, Any]) -> dict[str, Any]:
