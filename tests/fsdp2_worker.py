@@ -36,7 +36,7 @@ def tiny_gpt2(seed: int = 0):
 
 
 def tiny_llama(seed: int = 0, tied: bool = False):
-    """RoPE + SwiGLU, like the paper's large-scale models (Stollenwerk & Stollenwerk 2025, Sec. 4)."""
+    """RoPE + SwiGLU, like the paper's large-scale models (Stollenwerk & Stollenwerk, ACL 2025)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
