@@ -109,7 +109,7 @@ def test_shrunk_model_through_the_large_coupled_recipe_trains_a_step_on_cpu(tmp_
     from coupled_adam_hf.data import SHAKESPEARE_TRAIN
 
     train_file = tmp_path / "train.txt"  # a slice: tokenizing the whole corpus with GPT-2's BPE is not the point
-    train_file.write_text(gzip.open(SHAKESPEARE_TRAIN, "rt").read()[:20_000])
+    train_file.write_text(gzip.open(SHAKESPEARE_TRAIN, "rt").read()[:6_000])
     recipe = ROOT / "recipes" / "llama-1.3b-coupled.yaml"
     output = tmp_path / "run"
     train_script.main([
