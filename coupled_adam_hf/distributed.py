@@ -223,9 +223,10 @@ def check_supported_parallelism(accelerator: Any = None, args: Any = None, *, mo
 
     Looks at every place such a setup can come from: the ``Accelerator`` (or its ``AcceleratorState``), the
     Trainer's ``TrainingArguments`` (``deepspeed``, ``fsdp``/``fsdp_config``, ``parallelism_config``), the model
-    (loaded with a ``tp_plan`` or a ``distributed_config``), a ``Trainer``'s own flags (``deepspeed_enabled``, ``fsdp_enabled``), and the
-    environment that ``accelerate launch --config_file ...`` sets (``ACCELERATE_USE_DEEPSPEED``,
-    ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``), which accelerate ignores on CPU but a GPU run would use.
+    (loaded with a ``tp_plan`` or a ``distributed_config``), a ``Trainer``'s own flags (``deepspeed_enabled``,
+    ``fsdp_enabled``), and the environment that ``accelerate launch --config_file ...`` sets
+    (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``), which accelerate ignores on CPU but a
+    GPU run would use.
 
     Raises:
         ValueError: naming the setup found and the supported alternatives.
@@ -254,7 +255,7 @@ def _native_fsdp2_problem(model: Any) -> str | None:
     """What is wrong with a model that transformers sharded at load time (``distributed_config``), if anything.
 
     Its FSDP2 parameters are row-sharded DTensors like accelerate's, so the coupled mean is right there. But with
-    tied embeddings that road trains wrong whatever the optimizer (seen up to transformers 5.24): the weights are
+    tied embeddings that road trains wrong whatever the optimizer (seen with transformers 5.24): the weights are
     tied after ``fully_shard``, so FSDP2 does not know the output embedding shares the weight; from the second step
     on the LM head computes with the previous step's copy and its share of the gradient is lost
     (tests/test_fsdp2.py shows it with torch AdamW against one process).

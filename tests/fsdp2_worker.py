@@ -411,10 +411,12 @@ def check_transformers_native_fsdp2(rank, outdir) -> dict:
         results["gpt2/refusal"] = None
     except ValueError as error:
         results["gpt2/refusal"] = str(error)
-    adamw, ref_adamw = torch.optim.AdamW(sharded.parameters(), lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    adamw = torch.optim.AdamW(sharded.parameters(), lr=HYPER["lr"])
+    ref_adamw = torch.optim.AdamW(reference.parameters(), lr=HYPER["lr"])
     _train_sharded(sharded, adamw, range(3), rank)
     train_reference(reference, ref_adamw, range(3))
-    results["gpt2/plain_adamw_max_difference"] = max_difference(snapshot(sharded, adamw), snapshot(reference, ref_adamw))
+    drift = max_difference(snapshot(sharded, adamw), snapshot(reference, ref_adamw))
+    results["gpt2/plain_adamw_max_difference"] = drift
     return results
 
 

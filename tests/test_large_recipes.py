@@ -59,7 +59,8 @@ def test_large_recipe_parses_and_carries_the_papers_setup(recipe):
     assert (args.weight_decay, args.coupled_weight_decay, args.max_grad_norm) == (0.1, 0.0, 1.0)
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * GPUS == 256
     assert f"x {GPUS} GPUs = 256" in recipe.read_text()  # the header states the sizing the numbers assume
-    assert args.warmup_steps == 0.01 and getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "cosine" and values["bf16"] is True
+    assert args.warmup_steps == 0.01 and values["bf16"] is True
+    assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "cosine"
     assert values["tokenizer_name"] == "gpt2" and "SlimPajama" in values["dataset_name"] and data_args.add_eos_token
     assert args.coupled_targets == "token"
     if recipe.name.endswith("-adamw.yaml"):
