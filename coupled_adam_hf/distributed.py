@@ -38,7 +38,8 @@ __all__ = [
 SUPPORTED_PARALLELISM = (
     "one device, DDP (`torchrun`, `accelerate launch --multi_gpu`), or FSDP2 (accelerate config with "
     "`fsdp_version: 2`, e.g. `accelerate launch --config_file recipes/accelerate/fsdp2.yaml scripts/train.py "
-    "RECIPE`; TrainingArguments `fsdp_config={'version': 2}`)"
+    "RECIPE`; TrainingArguments `fsdp_config={'version': 2}`; or transformers' own "
+    "`from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))` for untied embeddings)"
 )
 
 
@@ -215,11 +216,17 @@ def check_supported_parallelism(accelerator: Any = None, args: Any = None, *, mo
     context and sequence parallelism are refused too: not tested yet. Allowed: one device, DDP, FSDP2 (DTensor
     parameters sharded by rows: the optimizer all-reduces the column statistics itself).
 
+    transformers' own FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))``) gives the
+    same row-sharded DTensors and is allowed for untied embeddings; with tied ones it is refused, because that
+    road trains them wrong whatever the optimizer (see :func:`_native_fsdp2_problem`); its pipeline and expert
+    parallelism are refused as untested.
+
     Looks at every place such a setup can come from: the ``Accelerator`` (or its ``AcceleratorState``), the
     Trainer's ``TrainingArguments`` (``deepspeed``, ``fsdp``/``fsdp_config``, ``parallelism_config``), the model
-    (loaded with a ``tp_plan``), a ``Trainer``'s own flags (``deepspeed_enabled``, ``fsdp_enabled``), and the
-    environment that ``accelerate launch --config_file ...`` sets (``ACCELERATE_USE_DEEPSPEED``,
-    ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``), which accelerate ignores on CPU but a GPU run would use.
+    (loaded with a ``tp_plan`` or a ``distributed_config``), a ``Trainer``'s own flags (``deepspeed_enabled``,
+    ``fsdp_enabled``), and the environment that ``accelerate launch --config_file ...`` sets
+    (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``), which accelerate ignores on CPU but a
+    GPU run would use.
 
     Raises:
         ValueError: naming the setup found and the supported alternatives.
@@ -232,6 +239,9 @@ def check_supported_parallelism(accelerator: Any = None, args: Any = None, *, mo
             f"coupled mean would be silently wrong. Supported: {SUPPORTED_PARALLELISM}. For sharded training "
             "switch to FSDP2."
         )
+    native = _native_fsdp2_problem(model)
+    if native is not None:
+        raise ValueError(native)
     untested = _untested_setup(args, model)
     if untested is not None:
         raise ValueError(
@@ -239,6 +249,37 @@ def check_supported_parallelism(accelerator: Any = None, args: Any = None, *, mo
             f"which has not been tested under it. Supported: {SUPPORTED_PARALLELISM}. Alternatively train with "
             "--optim adamw_torch_fused."
         )
+
+
+def _native_fsdp2_problem(model: Any) -> str | None:
+    """What is wrong with a model that transformers sharded at load time (``distributed_config``), if anything.
+
+    Its FSDP2 parameters are row-sharded DTensors like accelerate's, so the coupled mean is right there. But with
+    tied embeddings that road trains wrong whatever the optimizer (seen with transformers 5.24): the weights are
+    tied after ``fully_shard``, so FSDP2 does not know the output embedding shares the weight; from the second step
+    on the LM head computes with the previous step's copy and its share of the gradient is lost
+    (tests/test_fsdp2.py shows it with torch AdamW against one process).
+    """
+    if not getattr(model, "is_distributed_loading_by_transformers", False):
+        return None
+    config = getattr(getattr(model, "config", None), "distributed_config", None)
+    for size, name in (("pp_size", "pipeline"), ("ep_size", "expert")):
+        if (getattr(config, size, None) or 1) > 1:
+            return (f"Coupled Adam does not support transformers' {name} parallelism ({size}="
+                    f"{getattr(config, size)} in distributed_config) yet: it has not been tested under it. "
+                    f"Supported: {SUPPORTED_PARALLELISM}.")
+    get_input = getattr(model, "get_input_embeddings", None)
+    get_output = getattr(model, "get_output_embeddings", None)
+    input_weight = getattr(get_input() if callable(get_input) else None, "weight", None)
+    output_weight = getattr(get_output() if callable(get_output) else None, "weight", None)
+    if input_weight is not None and input_weight is output_weight:
+        return ("This model has tied embeddings and was sharded by transformers at load time "
+                "(from_pretrained(..., distributed_config=...)): on that road the LM head keeps a stale copy of the "
+                "tied weight from the second step on, so training is wrong with any optimizer. Load the model "
+                "without distributed_config and shard it with accelerate's FSDP2 instead: `accelerate launch "
+                "--config_file recipes/accelerate/fsdp2.yaml ...`, or TrainingArguments(fsdp=True, "
+                "fsdp_config={'version': 2}).")
+    return None
 
 
 def _untested_setup(args: Any, model: Any) -> str | None:

@@ -8,12 +8,12 @@ test that loads it on a different world size. Also imported by the test for the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import sys
 from datetime import timedelta
-from types import SimpleNamespace
 
 import torch
 
@@ -35,6 +35,18 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(config)
 
 
+def tiny_llama(seed: int = 0, tied: bool = False):
+    """RoPE + SwiGLU, like the paper's large-scale models (Stollenwerk & Stollenwerk, ACL 2025)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config)
+
+
 def param_groups(named_params: dict, **coupled_options) -> list[dict]:
     """The paper's grouping: tied token embedding (+ positions here) coupled, wd 0.1 on matrices, 0 elsewhere."""
     rest = {n: p for n, p in named_params.items() if n not in COUPLED_NAMES}
@@ -50,33 +62,42 @@ def batch(step: int, rank: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 16), generator=generator)
 
 
-def train_reference(model, optimizer, steps: range) -> None:
+def train_reference(model, optimizer, steps: range, max_grad_norm: float | None = None) -> None:
     """One process doing what the 2-rank run does: FSDP2 averages the ranks' gradients."""
     for step in steps:
         loss = sum(model(input_ids=batch(step, r), labels=batch(step, r)).loss for r in range(WORLD)) / WORLD
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def snapshot(model, optimizer) -> dict[str, torch.Tensor]:
-    """Full weights and optimizer state by name (DTensors gathered: a collective, same order on all ranks)."""
+def snapshot(model, optimizer, local: bool = False) -> dict[str, torch.Tensor]:
+    """Full weights and optimizer state by name (DTensors gathered: a collective, same order on all ranks).
+
+    ``local``: this rank's shards instead, without communication; two runs with the same layout are bit-identical
+    when every rank's shards are.
+    """
     def full(t):
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
+        if hasattr(t, "full_tensor"):
+            return t.to_local() if local else t.full_tensor()
+        return t
 
     names = {p: n for n, p in model.named_parameters()}
     out = {f"weight:{n}": full(p.detach()).clone() for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                out[f"state:{names[p]}:{key}"] = full(value).detach().clone().float()
+                out[f"state:{names[p]}:{key}"] = full(value).detach().clone().double()
     return out
 
 
 def max_difference(a: dict, b: dict) -> float:
+    """Largest absolute difference, in float64 (exact for float32 and float64 values)."""
     if a.keys() != b.keys():
         raise AssertionError(f"different keys: {sorted(a.keys() ^ b.keys())}")
-    return max(float((a[k].float() - b[k].float()).abs().max()) if a[k].numel() else 0.0 for k in a)
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
 def bit_identical(a: dict, b: dict) -> bool:
@@ -121,35 +142,6 @@ def check_against_single_process(mesh, rank, options: dict, naive: bool = False)
         "local_rows": wte.to_local().shape[0],
         "compact_state_placements": [str(pl) for pl in opt.state[wte]["exp_avg_sq"].placements],
         "compact_state_shape": list(opt.state[wte]["exp_avg_sq"].shape),
-    }
-
-
-def check_accelerate_swap(mesh, rank) -> dict:
-    """Build the optimizer on plain parameters, then swap in the DTensors exactly as accelerate's FSDP2 path does."""
-    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
-
-    from coupled_adam_hf import CoupledAdam
-
-    reference = tiny_gpt2()
-    ref_opt = CoupledAdam(param_groups(dict(reference.named_parameters())), **HYPER)
-    train_reference(reference, ref_opt, range(4))
-
-    model = tiny_gpt2()
-    opt = CoupledAdam(param_groups(dict(model.named_parameters())), **HYPER)
-    old_pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
-    # accelerate.Accelerator._prepare_fsdp2: placeholders that remember the old data pointers, fully_shard, swap
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            placeholder = torch.empty(1, dtype=p.dtype, device=p.device)
-            placeholder.data_ptr = p.data_ptr()
-            group["params"][i] = placeholder
-    _shard(model, mesh)
-    new_params = dict(model.named_parameters())
-    fsdp2_switch_optimizer_parameters(opt, {old_pointers[n]: new_params[n] for n in old_pointers})
-    _train_sharded(model, opt, range(4), rank)
-    return {
-        "max_difference": max_difference(snapshot(model, opt), snapshot(reference, ref_opt)),
-        "params_are_dtensors": all(type(p).__name__ == "DTensor" for g in opt.param_groups for p in g["params"]),
     }
 
 
@@ -207,42 +199,6 @@ def check_checkpoints(mesh, rank, outdir) -> dict:
     }
 
 
-def check_accelerate_checkpoint_functions(mesh, rank, outdir) -> dict:
-    """accelerate's own FSDP2 save/load (what ``save_state``/``load_state`` and the Trainer call), both state dict
-    types: save mid-run, reload into a fresh sharded model, continue; compare with not stopping."""
-    import torch.distributed as dist
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
-
-    from coupled_adam_hf import CoupledAdam
-
-    from accelerate import PartialState
-
-    PartialState(cpu=True)  # joins the process group above; accelerate's logging needs it
-    # the few Accelerator attributes these functions read (a real Accelerator would not shard on CPU)
-    accelerator = SimpleNamespace(num_processes=WORLD, process_index=rank, is_main_process=rank == 0, is_fsdp2=True,
-                                  wait_for_everyone=dist.barrier)
-    results = {}
-    for state_dict_type in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=state_dict_type)
-        folder = os.path.join(outdir, f"accelerate_{state_dict_type.lower()}")
-        model = _shard(tiny_gpt2(), mesh)
-        opt = CoupledAdam(param_groups(dict(model.named_parameters())), **HYPER)
-        _train_sharded(model, opt, range(3), rank)
-        save_fsdp_model(plugin, accelerator, model, folder)
-        save_fsdp_optimizer(plugin, accelerator, opt, model, folder)
-        _train_sharded(model, opt, range(3, 6), rank)
-        uninterrupted = snapshot(model, opt)
-
-        resumed = _shard(tiny_gpt2(seed=1), mesh)
-        resumed_opt = CoupledAdam(param_groups(dict(resumed.named_parameters())), **HYPER)
-        load_fsdp_model(plugin, accelerator, resumed, folder)
-        load_fsdp_optimizer(plugin, accelerator, resumed_opt, resumed, folder)
-        _train_sharded(resumed, resumed_opt, range(3, 6), rank)
-        results[state_dict_type] = bit_identical(uninterrupted, snapshot(resumed, resumed_opt))
-    return results
-
-
 def check_plain_state_dict_into_sharded(mesh, rank) -> dict:
     """A single-process run's ``optimizer.state_dict()`` loaded with plain ``load_state_dict`` into FSDP2: continues."""
     from coupled_adam_hf import CoupledAdam
@@ -264,6 +220,204 @@ def check_plain_state_dict_into_sharded(mesh, rank) -> dict:
     _train_sharded(model, opt, range(3, 6), rank)
     return {"max_difference": max_difference(snapshot(model, opt), snapshot(reference, ref_opt)),
             "wte_state_placements": layouts}
+
+
+# ------------------------------------------------------------------------------------------ accelerate's FSDP2 path
+EXACT = 1e-9  # float64: the sharded and the one-process runs differ only in the order of their sums
+MAX_GRAD_NORM = 1.0  # the paper's clipping; it clips the first steps of these runs
+COUPLED_TARGETS = {"gpt2": "token,position", "llama": "token,output"}  # tied GPT-2: token is also the LM head
+SHIPPED_FSDP2_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "recipes", "accelerate",
+                                    "fsdp2.yaml")
+
+
+def launcher_environment(config_file: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file CONFIG` gives the training processes (parsed, not run)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
+
+
+@contextlib.contextmanager
+def fsdp2_accelerator(state_dict_type: str):
+    """A real ``Accelerator`` in the FSDP2 state that ``recipes/accelerate/fsdp2.yaml`` gives on GPUs, on a CPU mesh.
+
+    What stops accelerate on CPU: ``AcceleratorState.__init__`` (accelerate/state.py) sets ``DistributedType.FSDP``
+    only inside its branch for multi-accelerator types (``MULTI_GPU``, ``MULTI_NPU``, ``MULTI_XPU``, ...); with
+    gloo on CPU, ``PartialState`` is ``MULTI_CPU``, which that list lacks, so the FSDP plugin is dropped and the
+    run silently becomes DDP (and a ``ParallelismConfig`` is refused by its ``_validate_accelerator``). This sets
+    what that branch sets on GPUs -- the distributed type (in both shared states, as ``AcceleratorState.__init__``
+    does), the FSDP2 plugin (built from the shipped config's launcher environment, as ``accelerate launch`` does)
+    and a device mesh -- and nothing else: ``prepare`` (``_prepare_fsdp2``: ``fsdp2_prepare_model`` and
+    ``fsdp2_switch_optimizer_parameters``), ``backward``, ``clip_grad_norm_``, ``save_state`` and ``load_state``
+    are accelerate's own code. The state is reset on exit, so every case starts from a fresh ``Accelerator``.
+    """
+    from unittest import mock
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ParallelismConfig
+
+    fsdp_env = {k: v for k, v in launcher_environment(SHIPPED_FSDP2_CONFIG).items() if k.startswith("FSDP_")}
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    cpu_type = PartialState._shared_state.get("distributed_type")
+    accelerator = Accelerator(cpu=True)
+    state = accelerator.state
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    with mock.patch.dict(os.environ, fsdp_env):
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(state_dict_type=state_dict_type)
+    state.parallelism_config = ParallelismConfig(dp_shard_size=WORLD)
+    state.device_mesh = state.parallelism_config.get_device_mesh("cpu")
+    try:
+        yield accelerator
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+        PartialState._shared_state["distributed_type"] = cpu_type
+
+
+def _model_and_optimizer(kind: str, seed: int = 0):
+    """A float64 tiny model and Coupled Adam with the automatic partition, built on plain parameters (as Trainer
+    does before ``accelerator.prepare``)."""
+    from coupled_adam_hf import CoupledAdam, partition_parameters
+
+    model = (tiny_gpt2 if kind == "gpt2" else tiny_llama)(seed).double()
+    groups = partition_parameters(model, COUPLED_TARGETS[kind], weight_decay=0.1)
+    return model, CoupledAdam(groups, **HYPER)
+
+
+def _accelerate_steps(accelerator, model, optimizer, steps: range, rank: int) -> None:
+    """Trainer's inner loop: backward, clip by norm, step."""
+    for step in steps:
+        ids = batch(step, rank)
+        accelerator.backward(model(input_ids=ids, labels=ids).loss)
+        accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def check_accelerate_fsdp2(rank, outdir) -> dict:
+    """``accelerator.prepare(model, optimizer)`` with FSDP2 on a tied GPT-2 and an untied Llama: 4 steps against
+    one process (float64); the per-shard-mean bug as the control; ``save_state``/``load_state`` resumes."""
+    from torch.distributed.tensor import DTensor
+
+    results = {}
+    for kind in ("gpt2", "llama"):
+        reference, ref_opt = _model_and_optimizer(kind)
+        initial = {n: p.detach().clone() for n, p in reference.named_parameters()}
+        train_reference(reference, ref_opt, range(4), max_grad_norm=MAX_GRAD_NORM)
+        expected = snapshot(reference, ref_opt)
+        for naive in (False, True) if kind == "gpt2" else (False,):
+            with fsdp2_accelerator("SHARDED_STATE_DICT") as accelerator:
+                model, optimizer = accelerator.prepare(*_model_and_optimizer(kind))
+                inner = optimizer.optimizer
+                if naive:
+                    for p in inner.param_groups[0]["params"]:
+                        inner._column_reducers[p] = None  # every rank averages over its own rows only
+                _accelerate_steps(accelerator, model, optimizer, range(4), rank)
+                difference = max_difference(snapshot(model, inner), expected)
+            if naive:
+                results[f"{kind}/naive_per_shard_mean_max_difference"] = difference
+                continue
+            embedding = model.get_input_embeddings().weight
+            results[kind] = {
+                "max_difference": difference,
+                "moved": max(float((p.detach() - initial[n]).abs().max()) for n, p in reference.named_parameters()),
+                "wrapped_class": type(model).__name__,
+                "tied_after_prepare": model.get_output_embeddings().weight is embedding,
+                "params_are_dtensors": all(isinstance(p, DTensor) for g in inner.param_groups for p in g["params"]),
+                "coupled_names": list(inner.param_groups[0]["param_names"]),
+                "embedding_placements": [str(pl) for pl in embedding.placements],
+                "compact_state_placements": [str(pl) for pl in inner.state[embedding]["exp_avg_sq"].placements],
+            }
+
+    for kind in ("gpt2", "llama"):
+        for state_dict_type in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+            folder = os.path.join(outdir, f"accelerate_{kind}_{state_dict_type.lower()}")
+            with fsdp2_accelerator(state_dict_type) as accelerator:
+                model, optimizer = accelerator.prepare(*_model_and_optimizer(kind))
+                _accelerate_steps(accelerator, model, optimizer, range(2), rank)
+                accelerator.save_state(folder)
+                _accelerate_steps(accelerator, model, optimizer, range(2, 4), rank)
+                uninterrupted = snapshot(model, optimizer.optimizer, local=True)
+            with fsdp2_accelerator(state_dict_type) as accelerator:
+                # different init: only the checkpoint can make it match
+                model, optimizer = accelerator.prepare(*_model_and_optimizer(kind, seed=1))
+                accelerator.load_state(folder)
+                _accelerate_steps(accelerator, model, optimizer, range(2, 4), rank)
+                results[f"{kind}/{state_dict_type}/resume_bit_identical"] = bit_identical(
+                    uninterrupted, snapshot(model, optimizer.optimizer, local=True))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ transformers' own FSDP2
+def check_transformers_native_fsdp2(rank, outdir) -> dict:
+    """``from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=2))``: the model is sharded at load time
+    and ``Trainer`` builds the optimizer on its DTensors without accelerate's FSDP2 (``is_distributed_loading_by_
+    transformers``). Untied Llama through ``CoupledAdamTrainer``: the same run as DDP on the same 2 ranks. Tied
+    GPT-2: the road itself trains wrong (plain torch AdamW against one process), and ``CoupledAdamTrainer`` refuses
+    it."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from coupled_adam_hf import CoupledAdamTrainer, CoupledAdamTrainingArguments
+
+    folder = os.path.join(outdir, "native_fsdp2")
+    if rank == 0:
+        tiny_gpt2().double().save_pretrained(os.path.join(folder, "gpt2"))
+        tiny_llama().double().save_pretrained(os.path.join(folder, "llama"))
+    dist.barrier()
+
+    def load(kind: str, sharded: bool):
+        extra = {"distributed_config": DistributedConfig(fsdp_size=WORLD)} if sharded else {}
+        return AutoModelForCausalLM.from_pretrained(os.path.join(folder, kind), dtype=torch.float64, **extra)
+
+    def arguments(road: str) -> CoupledAdamTrainingArguments:
+        return CoupledAdamTrainingArguments(
+            output_dir=os.path.join(folder, f"run_{road}"), optim="coupled_adam", coupled_targets="token,output",
+            learning_rate=HYPER["lr"], weight_decay=0.1, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant",
+            max_steps=3, per_device_train_batch_size=2, train_sampling_strategy="sequential", use_cpu=True,
+            save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True, isotropy_logging_steps=0,
+            dataloader_num_workers=0, seed=0)
+
+    data = [{"input_ids": ids, "labels": ids} for step in range(6) for ids in batch(step, 0)]
+    results, runs = {}, {}
+    for road in ("ddp", "native"):
+        model = load("llama", sharded=road == "native")
+        trainer = CoupledAdamTrainer(model=model, args=arguments(road), train_dataset=data)
+        initial = snapshot(model, torch.optim.SGD(model.parameters()))
+        trainer.train()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        runs[road] = snapshot(model, optimizer)
+        coupled = optimizer.param_groups[0]
+        results[f"llama/{road}"] = {
+            "loaded_sharded": bool(model.is_distributed_loading_by_transformers),
+            "optimizer": type(optimizer).__name__,
+            "coupled_names": list(coupled["param_names"]),
+            "coupled_placements": [[str(pl) for pl in p.placements] if isinstance(p, DTensor) else None
+                                   for p in coupled["params"]],
+            "moved": max_difference({k: runs[road][k] for k in initial}, initial),
+        }
+    results["llama/native_vs_ddp_max_difference"] = max_difference(runs["native"], runs["ddp"])
+
+    sharded, reference = load("gpt2", sharded=True), load("gpt2", sharded=False)
+    try:
+        CoupledAdamTrainer(model=sharded, args=arguments("tied"), train_dataset=data)
+        results["gpt2/refusal"] = None
+    except ValueError as error:
+        results["gpt2/refusal"] = str(error)
+    adamw = torch.optim.AdamW(sharded.parameters(), lr=HYPER["lr"])
+    ref_adamw = torch.optim.AdamW(reference.parameters(), lr=HYPER["lr"])
+    _train_sharded(sharded, adamw, range(3), rank)
+    train_reference(reference, ref_adamw, range(3))
+    drift = max_difference(snapshot(sharded, adamw), snapshot(reference, ref_adamw))
+    results["gpt2/plain_adamw_max_difference"] = drift
+    return results
 
 
 # ------------------------------------------------------------------------------------------ hand-made DTensors
@@ -405,12 +559,14 @@ def main(outdir: str) -> None:
         "fsdp2/naive_per_shard_mean": check_against_single_process(mesh, rank, {}, naive=True),
         "fsdp2/uncoupled_adamw_baseline": check_against_single_process(mesh, rank, dict(coupled=False)),
         "single_process_state_into_fsdp2": check_plain_state_dict_into_sharded(mesh, rank),
-        "accelerate_swap": check_accelerate_swap(mesh, rank),
         "checkpoints": check_checkpoints(mesh, rank, outdir),
-        "accelerate_checkpoint_bit_identical": check_accelerate_checkpoint_functions(mesh, rank, outdir),
         "dtensor_layouts": check_dtensor_layouts(mesh, rank),
         "missing_gradients": check_missing_gradients(mesh, rank),
         "nonfinite_agreement": check_nonfinite_agreement(mesh, rank),
+        # last: these two create Accelerators (accelerate's process-wide state), the native one first because its
+        # DDP run needs the plain CPU state that fsdp2_accelerator leaves behind
+        "transformers_native_fsdp2": check_transformers_native_fsdp2(rank, outdir),
+        "accelerate_fsdp2": check_accelerate_fsdp2(rank, outdir),
     }
     with open(os.path.join(outdir, f"results_rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
