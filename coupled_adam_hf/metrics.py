@@ -111,6 +111,10 @@ _DEFAULT_CHUNK_ELEMENTS = 1 << 25
 # lambda_max (sigma below 1e-2 sigma_max, where that error could pass 1e-9) the small end is recomputed (_SmallEnd).
 _SMALL_EIGENVALUE = 1e-4
 
+# Below this bound of |c . x_i| the exponentials of Z(c) need no shift: e^300 ~ 2e130 leaves room for sums over
+# any vocabulary weighted by any token count, and e^-300 is far above the smallest normal float64.
+_UNSHIFTED_EXPONENT = 300.0
+
 # The paper's convention for log frequencies over every row: log(p_i + 1e-10) (never-seen rows get log 1e-10).
 _PAPER_PROBABILITY_FLOOR = 1e-10
 
@@ -131,9 +135,10 @@ def _checked_matrix(weight: Tensor, name: str = "weight") -> Tensor:
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be a real floating-point matrix, got dtype {weight.dtype}")
     weight = weight.detach()
-    finite = torch.isfinite(weight)
-    if not finite.all():
-        bad_rows = (~finite).any(dim=1).nonzero().flatten()[:5].tolist()
+    # Row sums are finite when the rows are (NaN and inf propagate); only an overflowing sum of finite values, or
+    # a real NaN/inf, pays for the element-wise check.
+    if not bool(torch.isfinite(weight.sum(dim=1)).all()) and not bool(torch.isfinite(weight).all()):
+        bad_rows = (~torch.isfinite(weight)).any(dim=1).nonzero().flatten()[:5].tolist()
         raise ValueError(f"{name} holds NaN or inf (first bad rows: {bad_rows}); metrics need finite values. "
                          "Check the checkpoint (a diverged run?).")
     return weight
@@ -197,16 +202,18 @@ class _RowSet:
                 rows = rows.to(torch.float64) if target is None else target.copy_(rows)
             yield rows, None if self.weights is None else self.weights[start:stop]
 
-    def second_moments(self) -> tuple[Tensor, Tensor]:
-        """``(sum_i w_i e_i e_i^T, sum_i w_i e_i)`` in float64 (``w_i = 1`` without weights)."""
+    def second_moments(self) -> tuple[Tensor, Tensor, float]:
+        """``(sum_i w_i e_i e_i^T, sum_i w_i e_i, max_i ||e_i||)`` in float64 (``w_i = 1`` without weights)."""
         gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.weight.device)
         column_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.weight.device)
+        largest_norm = torch.zeros((), dtype=torch.float64, device=self.weight.device)
         buffer = None if self.weight.dtype == torch.float64 and self.index is None else self.new_buffer()
         for rows, weights in self.chunks(buffer):
             weighted = rows if weights is None else rows * weights[:, None]
             gram.addmm_(weighted.T, rows)
             column_sum += weighted.sum(dim=0)
-        return gram, column_sum
+            largest_norm = torch.maximum(largest_norm, torch.linalg.vector_norm(rows, dim=1).max())
+        return gram, column_sum, float(largest_norm)
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -227,12 +234,16 @@ def _symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 class _LogPartition:
     """``log Z(c)`` (and ``log Z(-c)``) per column, streamed over row chunks: ``Z(c) = sum_i w_i exp(c . x_i)``.
 
-    Each chunk is shifted by its column maximum (minimum for ``-c``) before the exponential and the running sums
-    are rescaled when the maximum grows, as a log-sum-exp does: large norms cannot overflow.
+    ``norm_bound``: an upper bound of the rows' norms, so ``|c . x_i| <= norm_bound`` for a unit ``c``. Up to
+    :data:`_UNSHIFTED_EXPONENT` every ``exp(+-c . x_i)`` and every sum is a normal float64, and the exponentials
+    are taken as they are (one pass). Beyond it each chunk is shifted by its column maximum (minimum for ``-c``)
+    and the running sums are rescaled when the maximum grows, as a log-sum-exp does: large norms cannot overflow.
+    Both give ``log Z`` to rounding.
     """
 
-    def __init__(self, both_signs: bool):
+    def __init__(self, both_signs: bool, norm_bound: float):
         self.both_signs = both_signs
+        self.unshifted = norm_bound <= _UNSHIFTED_EXPONENT
         self.shift: list[Tensor | None] = [None, None]  # running maxima of +x and of -x
         self.total: list[Tensor | None] = [None, None]
 
@@ -247,6 +258,13 @@ class _LogPartition:
 
     def add(self, projection: Tensor, weights: Tensor, scratch: Tensor | None) -> None:
         """Consumes ``projection`` ``[r, m]`` (overwritten); ``weights`` ``[r]``; ``scratch`` like ``projection``."""
+        if self.unshifted:
+            zero = projection.new_zeros(())
+            if self.both_signs:
+                negative = torch.neg(projection, out=scratch) if scratch is not None else -projection
+                self._accumulate(1, zero, weights @ negative.exp_())
+            self._accumulate(0, zero, weights @ projection.exp_())
+            return
         if self.both_signs:
             low, high = torch.aminmax(projection, dim=0)
             negative = torch.sub(low, projection, out=scratch) if scratch is not None else low - projection
@@ -258,11 +276,6 @@ class _LogPartition:
     def result(self) -> tuple[Tensor, Tensor | None]:
         logs = [None if s is None else torch.log(t) + s for s, t in zip(self.shift, self.total)]
         return logs[0], logs[1]
-
-
-def _abs_max(values: Tensor) -> Tensor:
-    low, high = torch.aminmax(values)  # one pass, no |values| temporary
-    return torch.maximum(-low, high)
 
 
 def _iso(log_z: Tensor) -> float:
@@ -387,17 +400,16 @@ def _isoscore(covariance_trace: float, covariance_frobenius_sq: float, dim: int)
     return (participation - 1) / (dim - 1) if dim > 1 else float("nan")
 
 
-def _row_set_metrics(rows: _RowSet, gram: Tensor | None = None, column_sum: Tensor | None = None, *,
-                     full: bool = True, row_statistics: bool = False
-                     ) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
+def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None = None, *, full: bool = True,
+                     row_statistics: bool = False) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
     """The full set for one row set (``full=False``: what :func:`quick_isotropy` reports).
 
-    ``gram``/``column_sum``: :meth:`_RowSet.second_moments` when the caller already has them. With
-    ``row_statistics``, also returns ``||e_i||`` and ``e_i . mu`` of every row of the set (else ``None, None``).
+    ``moments``: :meth:`_RowSet.second_moments` when the caller already has them (the norm bound may be one of a
+    superset of the rows). With ``row_statistics``, also returns ``||e_i||`` and ``e_i . mu`` of every row of the
+    set (else ``None, None``).
     """
     device, dim = rows.weight.device, rows.dim
-    if gram is None:
-        gram, column_sum = rows.second_moments()
+    gram, column_sum, norm_bound = rows.second_moments() if moments is None else moments
     weighted = rows.weights is not None
     total_weight = rows.weights.sum() if weighted else float(rows.num_rows)
     mean = column_sum / total_weight
@@ -410,20 +422,22 @@ def _row_set_metrics(rows: _RowSet, gram: Tensor | None = None, column_sum: Tens
     eigenvalues, eigenvectors = _symmetric_eigh(second_moment)
     raw_basis = _orient_towards(eigenvectors, mean)
     raw_small = _SmallEnd(eigenvalues, raw_basis) if full else None
-    raw_partition, raw_cosine = _LogPartition(both_signs=full), _CosineSum(dim, device)
+    raw_partition, raw_cosine = _LogPartition(full, norm_bound), _CosineSum(dim, device)
     if full:
         covariance = second_moment - torch.outer(mean, mean)
         centered_values, centered_vectors = _symmetric_eigh(covariance)
         # Oriented by the uncentered mean as well: the same convention, and rotation-equivariant.
         centered_basis = _orient_towards(centered_vectors, mean)
         centered_small = _SmallEnd(centered_values, centered_basis)
-        centered_partition, centered_cosine = _LogPartition(both_signs=True), _CosineSum(dim, device)
+        # ||x_i - mu|| <= ||x_i|| + ||mu||
+        centered_partition = _LogPartition(True, norm_bound + float(mean.norm()))
+        centered_cosine = _CosineSum(dim, device)
         removed = abtt_components(dim) if dim > 1 else 0  # all-but-the-top: the top D centered directions
         top_directions = centered_basis[:, dim - removed:]
         abtt_cosine = _CosineSum(dim, device)
 
     norm_sum = torch.zeros((), dtype=torch.float64, device=device)
-    largest = torch.zeros(3, dtype=torch.float64, device=device)  # max |x_ij|, |x_ij - mu_j|, |abtt_ij|
+    largest = torch.zeros(3, dtype=torch.float64, device=device)  # max ||x_i||, ||x_i - mu||, ||abtt(x)_i||
     row_norms, mean_dots = [], []
     direct = rows.weight.dtype == torch.float64 and rows.index is None
     rows_buffer = None if direct else rows.new_buffer()
@@ -452,14 +466,15 @@ def _row_set_metrics(rows: _RowSet, gram: Tensor | None = None, column_sum: Tens
         centered_norms = torch.linalg.vector_norm(centered, dim=1)
         centered_cosine.add(centered, centered_norms, w)
         centered_projection = torch.matmul(centered, centered_basis, out=centered_projection_buffer[:count])
-        largest[0] = torch.maximum(largest[0], _abs_max(x))
-        largest[1] = torch.maximum(largest[1], _abs_max(centered))
+        largest[0] = torch.maximum(largest[0], norms.max())
+        largest[1] = torch.maximum(largest[1], centered_norms.max())
         if removed:
             # (e_i - mu) minus its top-D principal components, from the projection on them
             abtt = torch.addmm(centered, centered_projection[:, dim - removed:], top_directions.T, alpha=-1,
                                out=abtt_buffer[:count])
-            abtt_cosine.add(abtt, torch.linalg.vector_norm(abtt, dim=1), w)
-            largest[2] = torch.maximum(largest[2], _abs_max(abtt))
+            abtt_norms = torch.linalg.vector_norm(abtt, dim=1)
+            abtt_cosine.add(abtt, abtt_norms, w)
+            largest[2] = torch.maximum(largest[2], abtt_norms.max())
         centered_small.add(centered_projection, q_scale)
         centered_partition.add(centered_projection, w, scratch[:count])
 
@@ -522,7 +537,7 @@ _ABTT_SPREAD_VALUES = ("abtt/avg_cosine", "abtt/isoscore", "abtt/effective_rank"
 def _settle_degenerate(metrics: dict[str, float], largest: list[float], shape: list[int]) -> dict[str, float]:
     """Documented values instead of 0/0 for degenerate matrices, with a warning that says why.
 
-    ``largest``: the largest ``|e_ij|``, ``|e_ij - mu_j|`` and ``|abtt(E)_ij|`` of the row set.
+    ``largest``: the largest ``||e_i||``, ``||e_i - mu||`` and ``||abtt(E)_i||`` of the row set.
 
     - every row zero: there are no directions. ``mean_norm_ratio``, ``avg_cosine``, ``isoscore``,
       ``effective_rank``, ``explained_variance_top*`` and ``kappa`` (raw and centered) are 0; ``iso`` is 1 (every
@@ -638,8 +653,8 @@ def embedding_metrics(
             raise ValueError(f"top_k must be >= 2, got {top_k}")
 
     all_rows = _RowSet(weight)
-    gram, column_sum = all_rows.second_moments()
-    all_metrics, norms, mean_dots = _row_set_metrics(all_rows, gram, column_sum, row_statistics=counts is not None)
+    gram, column_sum, norm_bound = moments = all_rows.second_moments()
+    all_metrics, norms, mean_dots = _row_set_metrics(all_rows, moments, row_statistics=counts is not None)
     if counts is None:
         return all_metrics
     metrics = dict(all_metrics)
@@ -655,11 +670,11 @@ def embedding_metrics(
         # Usually only a few rows are unseen (padding, glitch tokens): subtracting their Gram matrix from the
         # full one costs O(unseen * H^2) instead of O(seen * H^2).
         unseen_index = (~seen).nonzero().flatten()
-        seen_gram = seen_sum = None
+        seen_moments = None
         if unseen_index.numel() < num_seen:
-            unseen_gram, unseen_sum = _RowSet(weight, unseen_index).second_moments()
-            seen_gram, seen_sum = gram - unseen_gram, column_sum - unseen_sum
-        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index), seen_gram, seen_sum)
+            unseen_gram, unseen_sum, _ = _RowSet(weight, unseen_index).second_moments()
+            seen_moments = gram - unseen_gram, column_sum - unseen_sum, norm_bound
+        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index), seen_moments)
     metrics.update({f"seen/{key}": value for key, value in seen_metrics.items()})
 
     # Stable order: equal counts keep vocabulary order, so the subset is reproducible. The key keeps the requested
