@@ -168,7 +168,10 @@ def _as_counts(token_counts: Tensor | object, num_rows: int, device: torch.devic
 
 # ---------------------------------------------------------------------------------------------------- row sets
 class _RowSet:
-    """Rows of ``weight`` to measure: all of them or those at ``index``, optionally with weights ``> 0``.
+    """Rows of ``weight`` to measure: all of them or those at ``index``, optionally with weights ``>= 0``.
+
+    Rows of weight 0 are not part of the set: a set that holds most rows of the matrix is all rows with weight 0
+    on the others, which costs those few rows' share of the work instead of a gathered copy.
 
     Rows are read in float64 chunks of bounded size (a view when ``weight`` is float64 and the rows are
     contiguous), so no float64 copy of the matrix or of a subset is ever made. The chunking depends only on the
@@ -415,6 +418,7 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
     mean = column_sum / total_weight
     second_moment = gram / total_weight
     effective_rows = int((rows.weights > 0).sum()) if weighted else rows.num_rows
+    members = (lambda values, w: torch.where(w > 0, values, 0.0)) if weighted else (lambda values, w: values)
     # the singular values below are those of the rows sqrt(q_i) x_i, q_i = w_i / sum w (sum_i q_i x_i x_i^T is the
     # second moment); sqrt(rows) times them are the plain singular values (weights of mean 1)
     row_scale = (rows.weights / total_weight).sqrt() if weighted else 1.0 / math.sqrt(rows.num_rows)
@@ -466,15 +470,15 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
         centered_norms = torch.linalg.vector_norm(centered, dim=1)
         centered_cosine.add(centered, centered_norms, w)
         centered_projection = torch.matmul(centered, centered_basis, out=centered_projection_buffer[:count])
-        largest[0] = torch.maximum(largest[0], norms.max())
-        largest[1] = torch.maximum(largest[1], centered_norms.max())
+        largest[0] = torch.maximum(largest[0], members(norms, w).max())
+        largest[1] = torch.maximum(largest[1], members(centered_norms, w).max())
         if removed:
             # (e_i - mu) minus its top-D principal components, from the projection on them
             abtt = torch.addmm(centered, centered_projection[:, dim - removed:], top_directions.T, alpha=-1,
                                out=abtt_buffer[:count])
             abtt_norms = torch.linalg.vector_norm(abtt, dim=1)
             abtt_cosine.add(abtt, abtt_norms, w)
-            largest[2] = torch.maximum(largest[2], abtt_norms.max())
+            largest[2] = torch.maximum(largest[2], members(abtt_norms, w).max())
         centered_small.add(centered_projection, q_scale)
         centered_partition.add(centered_projection, w, scratch[:count])
 
@@ -664,17 +668,17 @@ def embedding_metrics(
     metrics.update(_frequency_correlations(norms, mean_dots, counts, seen))
 
     seen_index = seen.nonzero().flatten()
+    mostly_seen = 2 * num_seen >= weight.shape[0]
     if num_seen == weight.shape[0]:
         seen_metrics = all_metrics
+    elif mostly_seen:
+        # Usually only a few rows are unseen (padding, glitch tokens): the seen set is every row with weight 0 on
+        # those, and subtracting their Gram matrix from the full one costs O(unseen * H^2), not O(seen * H^2).
+        unseen_gram, unseen_sum, _ = _RowSet(weight, (~seen).nonzero().flatten()).second_moments()
+        seen_moments = gram - unseen_gram, column_sum - unseen_sum, norm_bound
+        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, weights=seen.to(torch.float64)), seen_moments)
     else:
-        # Usually only a few rows are unseen (padding, glitch tokens): subtracting their Gram matrix from the
-        # full one costs O(unseen * H^2) instead of O(seen * H^2).
-        unseen_index = (~seen).nonzero().flatten()
-        seen_moments = None
-        if unseen_index.numel() < num_seen:
-            unseen_gram, unseen_sum, _ = _RowSet(weight, unseen_index).second_moments()
-            seen_moments = gram - unseen_gram, column_sum - unseen_sum, norm_bound
-        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index), seen_moments)
+        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index))
     metrics.update({f"seen/{key}": value for key, value in seen_metrics.items()})
 
     # Stable order: equal counts keep vocabulary order, so the subset is reproducible. The key keeps the requested
@@ -683,7 +687,8 @@ def embedding_metrics(
     top_index = seen_index[torch.sort(seen_counts, descending=True, stable=True).indices[:requested]]
     top_metrics, _, _ = _row_set_metrics(_RowSet(weight, top_index))
     metrics.update({f"top{requested}/{key}": value for key, value in top_metrics.items()})
-    freq_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index, seen_counts))
+    freq_rows = _RowSet(weight, weights=counts) if mostly_seen else _RowSet(weight, seen_index, seen_counts)
+    freq_metrics, _, _ = _row_set_metrics(freq_rows)
     metrics.update({f"freq/{key}": value for key, value in freq_metrics.items()})
     return metrics
 

@@ -517,3 +517,20 @@ def test_abtt_of_a_matrix_it_empties_reports_the_values_of_a_zero_matrix():
     assert m["abtt/iso"] == 1.0 and m["abtt/avg_cosine"] == 0.0 and m["abtt/isoscore"] == 0.0
     assert m["abtt/effective_rank"] == 0.0
     assert m["centered/avg_cosine"] == pytest.approx(-1.0 / 9, rel=1e-9)  # +v and -v, 5 each: (40 - 50) / 90
+
+
+def test_seen_and_frequency_sets_of_a_mostly_unseen_vocabulary():
+    """Few seen rows are gathered, most seen rows are measured in place (weight 0 on the others): same values."""
+    matrix = gaussian_cloud(80, 6, scale=0.5, seed=25) + 0.3
+    for seen_rows in (20, 70):
+        counts = torch.zeros(80)
+        counts[torch.randperm(80, generator=torch.Generator().manual_seed(seen_rows))[:seen_rows]] = \
+            torch.arange(1.0, seen_rows + 1)
+        m = embedding_metrics(matrix, counts, top_k=10)
+        seen = counts > 0
+        for key, value in embedding_metrics(matrix[seen]).items():
+            assert m[f"seen/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), (seen_rows, key)
+        repeated = embedding_metrics(torch.repeat_interleave(matrix[seen], counts[seen].long(), dim=0))
+        for key in ("iso", "iso_both_signs", "mean_norm_ratio", "isoscore", "effective_rank", "kappa",
+                    "centered/iso", "abtt/iso", "abtt/isoscore"):
+            assert m[f"freq/{key}"] == pytest.approx(repeated[key], rel=1e-9), (seen_rows, key)
