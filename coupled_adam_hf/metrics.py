@@ -205,8 +205,9 @@ class _RowSet:
                 rows = rows.to(torch.float64) if target is None else target.copy_(rows)
             yield rows, None if self.weights is None else self.weights[start:stop]
 
-    def second_moments(self) -> tuple[Tensor, Tensor, float]:
-        """``(sum_i w_i e_i e_i^T, sum_i w_i e_i, max_i ||e_i||)`` in float64 (``w_i = 1`` without weights)."""
+    def second_moments(self, norm_bound: float | None = None) -> tuple[Tensor, Tensor, float]:
+        """``(sum_i w_i e_i e_i^T, sum_i w_i e_i, max_i ||e_i||)`` in float64 (``w_i = 1`` without weights);
+        a known ``norm_bound`` (of a superset of the rows) is passed through instead of the maximum."""
         gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.weight.device)
         column_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.weight.device)
         largest_norm = torch.zeros((), dtype=torch.float64, device=self.weight.device)
@@ -215,8 +216,9 @@ class _RowSet:
             weighted = rows if weights is None else rows * weights[:, None]
             gram.addmm_(weighted.T, rows)
             column_sum += weighted.sum(dim=0)
-            largest_norm = torch.maximum(largest_norm, torch.linalg.vector_norm(rows, dim=1).max())
-        return gram, column_sum, float(largest_norm)
+            if norm_bound is None:
+                largest_norm = torch.maximum(largest_norm, torch.linalg.vector_norm(rows, dim=1).max())
+        return gram, column_sum, float(largest_norm) if norm_bound is None else norm_bound
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -263,10 +265,11 @@ class _LogPartition:
         """Consumes ``projection`` ``[r, m]`` (overwritten); ``weights`` ``[r]``; ``scratch`` like ``projection``."""
         if self.unshifted:
             zero = projection.new_zeros(())
-            if self.both_signs:
-                negative = torch.neg(projection, out=scratch) if scratch is not None else -projection
-                self._accumulate(1, zero, weights @ negative.exp_())
-            self._accumulate(0, zero, weights @ projection.exp_())
+            positive = projection.exp_()
+            if self.both_signs:  # exp(-x) = 1 / exp(x) to rounding, both normal numbers here: one pass, not two
+                negative = torch.reciprocal(positive, out=scratch) if scratch is not None else 1 / positive
+                self._accumulate(1, zero, weights @ negative)
+            self._accumulate(0, zero, weights @ positive)
             return
         if self.both_signs:
             low, high = torch.aminmax(projection, dim=0)
@@ -404,12 +407,13 @@ def _isoscore(covariance_trace: float, covariance_frobenius_sq: float, dim: int)
 
 
 def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None = None, *, full: bool = True,
-                     row_statistics: bool = False) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
+                     row_statistics: bool = False, row_norms: Tensor | None = None
+                     ) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
     """The full set for one row set (``full=False``: what :func:`quick_isotropy` reports).
 
     ``moments``: :meth:`_RowSet.second_moments` when the caller already has them (the norm bound may be one of a
-    superset of the rows). With ``row_statistics``, also returns ``||e_i||`` and ``e_i . mu`` of every row of the
-    set (else ``None, None``).
+    superset of the rows). ``row_norms``: ``||e_i||`` of every row of the set when known. With ``row_statistics``,
+    also returns ``||e_i||`` and ``e_i . mu`` of every row of the set (else ``None, None``).
     """
     device, dim = rows.weight.device, rows.dim
     gram, column_sum, norm_bound = rows.second_moments() if moments is None else moments
@@ -442,7 +446,7 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
 
     norm_sum = torch.zeros((), dtype=torch.float64, device=device)
     largest = torch.zeros(3, dtype=torch.float64, device=device)  # max ||x_i||, ||x_i - mu||, ||abtt(x)_i||
-    row_norms, mean_dots = [], []
+    norms_of_rows, mean_dots = [], []
     direct = rows.weight.dtype == torch.float64 and rows.index is None
     rows_buffer = None if direct else rows.new_buffer()
     projection_buffer, scratch = rows.new_buffer(), rows.new_buffer() if full else None
@@ -454,11 +458,11 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
         count = x.shape[0]
         w = ones[:count] if w is None else w
         q_scale = row_scale if isinstance(row_scale, float) else row_scale[start:start + count]
-        norms = torch.linalg.vector_norm(x, dim=1)
+        norms = torch.linalg.vector_norm(x, dim=1) if row_norms is None else row_norms[start:start + count]
         norm_sum += w @ norms
         raw_cosine.add(x, norms, w)
         if row_statistics:
-            row_norms.append(norms)
+            norms_of_rows.append(norms)
             mean_dots.append(x @ mean)
         projection = torch.matmul(x, raw_basis, out=projection_buffer[:count])
         if full:
@@ -526,9 +530,9 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
                         "components": float(removed)}
         metrics.update({f"abtt/{key}": value for key, value in abtt_metrics.items()})
 
-    metrics = _settle_degenerate(metrics, [float(v) for v in largest], [rows.num_rows, dim])
+    metrics = _settle_degenerate(metrics, [float(v) for v in largest], [effective_rows, dim])
     if row_statistics:
-        return metrics, torch.cat(row_norms), torch.cat(mean_dots)
+        return metrics, torch.cat(norms_of_rows), torch.cat(mean_dots)
     return metrics, None, None
 
 
@@ -676,7 +680,8 @@ def embedding_metrics(
         # those, and subtracting their Gram matrix from the full one costs O(unseen * H^2), not O(seen * H^2).
         unseen_gram, unseen_sum, _ = _RowSet(weight, (~seen).nonzero().flatten()).second_moments()
         seen_moments = gram - unseen_gram, column_sum - unseen_sum, norm_bound
-        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, weights=seen.to(torch.float64)), seen_moments)
+        seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, weights=seen.to(torch.float64)), seen_moments,
+                                              row_norms=norms)
     else:
         seen_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index))
     metrics.update({f"seen/{key}": value for key, value in seen_metrics.items()})
@@ -687,8 +692,11 @@ def embedding_metrics(
     top_index = seen_index[torch.sort(seen_counts, descending=True, stable=True).indices[:requested]]
     top_metrics, _, _ = _row_set_metrics(_RowSet(weight, top_index))
     metrics.update({f"top{requested}/{key}": value for key, value in top_metrics.items()})
-    freq_rows = _RowSet(weight, weights=counts) if mostly_seen else _RowSet(weight, seen_index, seen_counts)
-    freq_metrics, _, _ = _row_set_metrics(freq_rows)
+    if mostly_seen:
+        freq_rows = _RowSet(weight, weights=counts)
+        freq_metrics, _, _ = _row_set_metrics(freq_rows, freq_rows.second_moments(norm_bound), row_norms=norms)
+    else:
+        freq_metrics, _, _ = _row_set_metrics(_RowSet(weight, seen_index, seen_counts))
     metrics.update({f"freq/{key}": value for key, value in freq_metrics.items()})
     return metrics
 
