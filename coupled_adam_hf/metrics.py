@@ -233,7 +233,22 @@ def _orient_towards(eigenvectors: Tensor, mean: Tensor) -> Tensor:
 
 
 def _symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.linalg.eigh((matrix + matrix.T) / 2)  # exact symmetry for eigh
+    """``eigh`` of the exactly symmetrized matrix; on a CPU in one thread.
+
+    LAPACK's symmetric eigensolver on an ``H x H`` matrix is a long chain of small steps with a barrier each: extra
+    threads gain it little, and on cores shared with other work every barrier waits for a descheduled thread (a
+    multi-threaded call then takes several times the single-threaded one). The ``O(V H^2)`` products around it
+    stay multi-threaded.
+    """
+    symmetric = (matrix + matrix.T) / 2
+    threads = torch.get_num_threads()
+    if symmetric.device.type != "cpu" or threads == 1:
+        return torch.linalg.eigh(symmetric)
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(symmetric)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _LogPartition:
@@ -746,7 +761,7 @@ def all_but_the_top(weight: Tensor, num_components: int | None = None) -> Tensor
     if num_components == 0:
         return centered
     covariance = centered.T @ centered
-    _, eigenvectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    _, eigenvectors = _symmetric_eigh(covariance)
     top = eigenvectors[:, -num_components:]
     return centered - (centered @ top) @ top.T
 
@@ -763,7 +778,7 @@ def pca_projection(weight: Tensor, num_components: int = 2, *, centered: bool = 
     if num_components < 1 or num_components > matrix.shape[1]:
         raise ValueError(f"num_components must be in [1, {matrix.shape[1]}], got {num_components}")
     second_moment = matrix.T @ matrix - (matrix.shape[0] * torch.outer(mean, mean) if centered else 0)
-    _, eigenvectors = torch.linalg.eigh((second_moment + second_moment.T) / 2)
+    _, eigenvectors = _symmetric_eigh(second_moment)
     directions = eigenvectors.flip(1)[:, :num_components]
     directions = _orient_towards(directions, mean)
     rows = matrix - mean if centered else matrix
