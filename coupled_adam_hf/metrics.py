@@ -311,12 +311,17 @@ class _CosineSum:
         self.weight_total = torch.zeros((), dtype=torch.float64, device=device)
         self.weight_sq_total = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, rows: Tensor, norms: Tensor, weights: Tensor) -> None:
-        nonzero = norms > 0  # all-zero rows have no direction
+    def coefficients(self, norms: Tensor, weights: Tensor) -> Tensor:
+        """``w_i / ||x_i||`` for a chunk (0 for all-zero rows: no direction); counts the chunk's weights. The
+        caller adds ``sum_i coefficient_i x_i`` with :meth:`add`."""
+        nonzero = norms > 0
         w = weights * nonzero
-        self.direction_sum += rows.T @ (w / torch.where(nonzero, norms, torch.ones_like(norms)))
         self.weight_total += w.sum()
         self.weight_sq_total += (w * w).sum()
+        return w / torch.where(nonzero, norms, torch.ones_like(norms))
+
+    def add(self, direction_sum: Tensor) -> None:
+        self.direction_sum += direction_sum
 
     def result(self) -> float:
         # sum_{i != j} w_i w_j cos_ij = ||sum_i w_i u_i||^2 - sum_i w_i^2
@@ -467,7 +472,6 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
     projection_buffer, scratch = rows.new_buffer(), rows.new_buffer() if full else None
     if full:
         centered_buffer, centered_projection_buffer = rows.new_buffer(), rows.new_buffer()
-        abtt_buffer = rows.new_buffer() if removed else None
     ones = torch.ones(min(rows.chunk_rows, rows.num_rows), dtype=torch.float64, device=device)
     for start, (x, w) in zip(range(0, rows.num_rows, rows.chunk_rows), rows.chunks(rows_buffer)):
         count = x.shape[0]
@@ -475,7 +479,7 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
         q_scale = row_scale if isinstance(row_scale, float) else row_scale[start:start + count]
         norms = torch.linalg.vector_norm(x, dim=1) if row_norms is None else row_norms[start:start + count]
         norm_sum += w @ norms
-        raw_cosine.add(x, norms, w)
+        raw_coefficients = raw_cosine.coefficients(norms, w)
         if row_statistics:
             norms_of_rows.append(norms)
             mean_dots.append(x @ mean)
@@ -484,20 +488,31 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
             raw_small.add(projection, q_scale)
         raw_partition.add(projection, w, None if scratch is None else scratch[:count])
         if not full:
+            raw_cosine.add(x.T @ raw_coefficients)
             continue
         centered = torch.sub(x, mean, out=centered_buffer[:count])
         centered_norms = torch.linalg.vector_norm(centered, dim=1)
-        centered_cosine.add(centered, centered_norms, w)
+        centered_coefficients = centered_cosine.coefficients(centered_norms, w)
         centered_projection = torch.matmul(centered, centered_basis, out=centered_projection_buffer[:count])
         largest[0] = torch.maximum(largest[0], members(norms, w).max())
         largest[1] = torch.maximum(largest[1], members(centered_norms, w).max())
         if removed:
-            # (e_i - mu) minus its top-D principal components, from the projection on them
-            abtt = torch.addmm(centered, centered_projection[:, dim - removed:], top_directions.T, alpha=-1,
-                               out=abtt_buffer[:count])
-            abtt_norms = torch.linalg.vector_norm(abtt, dim=1)
-            abtt_cosine.add(abtt, abtt_norms, w)
+            # The all-but-the-top row is (e_i - mu) minus its top-D principal components: its norm is that of its
+            # projection on the other eigenvectors (no cancellation), and sum_i a_i abtt_i comes from the rows below.
+            abtt_norms = torch.linalg.vector_norm(centered_projection[:, :dim - removed], dim=1)
+            abtt_coefficients = abtt_cosine.coefficients(abtt_norms, w)
             largest[2] = torch.maximum(largest[2], members(abtt_norms, w).max())
+            coefficients = torch.stack([raw_coefficients, centered_coefficients, abtt_coefficients], dim=1)
+        else:
+            coefficients = torch.stack([raw_coefficients, centered_coefficients], dim=1)
+        # One pass over the rows for every direction sum: sum_i a_i (x_i - mu) = X^T a - mu sum_i a_i, and the
+        # all-but-the-top one also subtracts the top directions U (U^T (x_i - mu)) = U t_i.
+        sums = x.T @ coefficients
+        raw_cosine.add(sums[:, 0])
+        centered_cosine.add(sums[:, 1] - mean * centered_coefficients.sum())
+        if removed:
+            top = centered_projection[:, dim - removed:]
+            abtt_cosine.add(sums[:, 2] - mean * abtt_coefficients.sum() - top_directions @ (top.T @ abtt_coefficients))
         centered_small.add(centered_projection, q_scale)
         centered_partition.add(centered_projection, w, scratch[:count])
 
