@@ -91,3 +91,31 @@ def test_trainer_benchmark_runs_both_recipes_and_reports_their_throughput_ratio(
         assert round_[name]["tokens_per_s"] > 0
     assert report["ratio"]["tokens_per_s"] == pytest.approx(
         round_["coupled_adam"]["tokens_per_s"] / round_["adamw_torch_fused"]["tokens_per_s"])
+
+
+def test_metrics_benchmark_reports_ratios_to_one_gram_product(tmp_path, capsys):
+    bench = load_script("bench_metrics")
+    out = tmp_path / "bench_metrics.json"
+    threads = torch.get_num_threads()
+    assert bench.main(["--quick", "--repeats", "2", "--threads", "1", "--output", str(out)]) == 0
+    assert torch.get_num_threads() == threads, "the benchmark's --threads leaked out of it"
+    report = json.loads(out.read_text())
+    assert report["machine"]["threads"] == 1 and len(report["machine"]["loadavg_start"]) == 3
+    assert len(report["loadavg_per_repeat"]) == 2 and report["shape"] == [4096, 64]
+    rows = {row["contender"]: row for row in report["results"]}
+    assert set(rows) == {"gram", "quick_isotropy", "embedding_metrics", "embedding_metrics_counts"}
+    assert rows["gram"]["ratio_to_gram"] == 1.0 and rows["gram"]["calls"] == 2 * 3  # one beside each contender
+    for name, row in rows.items():
+        assert row["median_s"] > 0 and row["ratio_to_gram"] > 0 and len(row["ratios"]) == len(row["times_s"])
+        assert row["ratio_low"] <= row["ratio_to_gram"] <= row["ratio_high"], name
+    assert 0 < report["rows_seen"] < 4096
+    table = capsys.readouterr().out
+    for name in rows:
+        assert name in table
+
+
+def test_metrics_benchmark_refuses_unknown_contenders_with_the_choices(capsys):
+    bench = load_script("bench_metrics")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--contenders", "svd"])
+    assert exit_info.value.code == 2 and "embedding_metrics_counts" in capsys.readouterr().err

@@ -187,7 +187,9 @@ def test_agrees_with_direct_formulas_on_a_small_matrix():
     assert m["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
     assert m["kappa"] == pytest.approx(sigma[-1] / sigma[0], rel=1e-9)
     assert m["explained_variance_top1"] == pytest.approx(sigma[0] ** 2 / (sigma**2).sum(), rel=1e-9)
-    assert m["sigma_max"] == pytest.approx(sigma[0] / math.sqrt(rows), rel=1e-9)
+    # sigma_max is the plain largest singular value (the paper's Smax); its RMS form has its own name
+    assert m["sigma_max"] == pytest.approx(sigma[0], rel=1e-9)
+    assert m["top_direction_rms"] == pytest.approx(sigma[0] / math.sqrt(rows), rel=1e-9)
     sigma_c = np.linalg.svd(centered, compute_uv=False)
     assert m["centered/kappa"] == pytest.approx(sigma_c[-1] / sigma_c[0], rel=1e-9)
 
@@ -372,3 +374,163 @@ def test_all_but_the_top_matches_its_definition():
     assert np.abs(default.mean(axis=0)).max() < 1e-10
     with pytest.raises(ValueError, match="num_components"):
         all_but_the_top(torch.from_numpy(matrix), 20)
+
+
+# ------------------------------------------------------------------------------- kappa down to 1e-12
+def exact_matrix_with_singular_values(exponents: list[int], rows: int = 4096, seed: int = 0) -> torch.Tensor:
+    """``2 rows x H`` float64 matrix with *exactly* the singular values ``2^-a`` (``H = len(exponents)``).
+
+    ``sum_j 2^-a_j u_j w_j^T`` with Sylvester-Hadamard columns (scaled by a power of two): ``w_j`` the columns of
+    the ``H x H`` one, ``u_j`` columns of the ``rows x rows`` one, the last (smallest) one on rows of its own. Every
+    entry is then a sum of signed powers of two spanning under 53 bits, so nothing is rounded, and the smallest
+    direction's rows carry nothing else: a computation in float64 (an SVD, or this module) can resolve it to a
+    relative ~1e-9 even at 1e-12 (rounded random rotations would blur it by ~1e-6 of itself). The columns of a
+    Hadamard matrix but the first sum to zero, so the mean row is exactly zero and centering changes nothing.
+    """
+    dim = len(exponents)
+    for n in (rows, dim):
+        assert n & (n - 1) == 0 and (n.bit_length() - 1) % 2 == 0, "powers of 4: 1/sqrt(n) is a power of two"
+
+    def hadamard(n: int) -> torch.Tensor:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h
+
+    big = torch.tensor([2.0 ** -a for a in exponents[:-1]], dtype=torch.float64)
+    u = hadamard(rows) / math.sqrt(rows)
+    w = hadamard(dim) / math.sqrt(dim)
+    top = (u[:, 1:dim] * big) @ w[:, :dim - 1].T
+    bottom = torch.outer(u[:, dim] * 2.0 ** -exponents[-1], w[:, dim - 1])
+    matrix = torch.cat([top, bottom])
+    return matrix[torch.randperm(2 * rows, generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("smallest", [13, 27, 33, 40])  # sigma_min ~ 1.2e-4, 7.5e-9, 1.2e-10, 9.1e-13
+def test_kappa_is_exact_down_to_1e_12(smallest):
+    exponents = [0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5, 6, 7, 7] + [smallest]
+    matrix = exact_matrix_with_singular_values(exponents)
+    expected = 2.0 ** -smallest  # sigma_max = 2^0
+    assert float(matrix.mean(dim=0).abs().max()) == 0.0
+    m = embedding_metrics(matrix)
+    assert m["kappa"] == pytest.approx(expected, rel=1e-6)
+    assert m["centered/kappa"] == pytest.approx(expected, rel=1e-6)  # the rows have mean zero
+    assert m["sigma_max"] == pytest.approx(1.0, rel=1e-12)
+    assert m["top_direction_rms"] == pytest.approx(1.0 / math.sqrt(matrix.shape[0]), rel=1e-12)
+    sigma = torch.tensor([2.0 ** -a for a in exponents], dtype=torch.float64)
+    p = sigma / sigma.sum()
+    assert m["effective_rank"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-12)
+    # the same matrix in the other row sets (weighted by equal counts: the same singular values)
+    counted = embedding_metrics(matrix, torch.ones(matrix.shape[0]), top_k=1024)
+    for prefix in ("seen/", "freq/"):
+        assert counted[f"{prefix}kappa"] == pytest.approx(expected, rel=1e-6), prefix
+        assert counted[f"{prefix}sigma_max"] == pytest.approx(1.0, rel=1e-12), prefix
+    if smallest >= 33:  # what the test guards against: the Gram matrix's eigenvalues cannot resolve these
+        from_gram = float(torch.linalg.eigvalsh(matrix.T @ matrix)[0].clamp_min(0).sqrt())
+        assert abs(from_gram / expected - 1) > 1e-3
+
+
+def test_kappa_of_several_tiny_singular_values_and_of_wide_matrices_matches_an_svd():
+    generator = torch.Generator().manual_seed(21)
+    basis, _ = torch.linalg.qr(torch.randn(3000, 24, generator=generator, dtype=torch.float64))
+    rotation, _ = torch.linalg.qr(torch.randn(24, 24, generator=generator, dtype=torch.float64))
+    sigma = torch.logspace(0, -9, 24, dtype=torch.float64)  # a continuum: no gap between large and small
+    matrix = (basis * sigma) @ rotation.T
+    m = embedding_metrics(matrix)
+    reference = torch.linalg.svdvals(matrix)
+    assert m["kappa"] == pytest.approx(float(reference[-1] / reference[0]), rel=1e-6)
+    assert m["kappa"] == pytest.approx(1e-9, rel=1e-6)
+    # fewer rows than columns (a top-k subset of a wide model): min(V, H) = V singular values
+    wide = torch.randn(20, 50, generator=generator, dtype=torch.float64) + 0.3
+    m = embedding_metrics(wide)
+    reference = torch.linalg.svdvals(wide)
+    assert m["kappa"] == pytest.approx(float(reference[-1] / reference[0]), rel=1e-9)
+    p = reference / reference.sum()
+    assert m["effective_rank"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-9)
+    centered = torch.linalg.svdvals(wide - wide.mean(dim=0))[:19]  # V - 1 directions after centering
+    assert m["centered/kappa"] == pytest.approx(float(centered[-1] / centered[0]), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------- frequency correlations
+def test_frequency_correlations_match_scipy_over_seen_rows_and_in_the_papers_convention():
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(22)
+    matrix = gaussian_cloud(400, 12, scale=0.5, seed=22) + 0.4
+    counts = torch.randint(0, 8, (390,), generator=generator)  # ties and unseen rows; 10 padding rows
+    m = embedding_metrics(matrix, counts, top_k=50)
+    full_counts = torch.cat([counts, torch.zeros(10, dtype=counts.dtype)]).to(torch.float64).numpy()
+    norms = matrix.norm(dim=1).numpy()
+    mean_dots = (matrix @ matrix.mean(dim=0)).numpy()
+    seen = full_counts > 0
+    log_counts = np.log(full_counts[seen])
+    log_probability = np.log(full_counts / full_counts.sum() + 1e-10)
+    expected = {
+        "rho": stats.pearsonr(norms[seen], log_counts).statistic,
+        "rho_spearman": stats.spearmanr(norms[seen], log_counts).statistic,
+        "rho_mu": stats.pearsonr(mean_dots[seen], log_counts).statistic,
+        "rho_mu_spearman": stats.spearmanr(mean_dots[seen], log_counts).statistic,
+        "rho_all": stats.pearsonr(norms, log_probability).statistic,
+        "rho_all_spearman": stats.spearmanr(norms, log_probability).statistic,
+        "rho_mu_all": stats.pearsonr(mean_dots, log_probability).statistic,
+        "rho_mu_all_spearman": stats.spearmanr(mean_dots, log_probability).statistic,
+    }
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
+
+
+def test_spearman_is_one_for_any_increasing_relation_and_ties_share_their_rank():
+    counts = torch.arange(1, 201, dtype=torch.float64)
+    directions = torch.nn.functional.normalize(gaussian_cloud(200, 8, scale=1.0, seed=23), dim=1)
+    m = embedding_metrics(directions * torch.exp(0.02 * counts)[:, None], counts)  # monotone, far from linear
+    assert m["rho_spearman"] == pytest.approx(1.0, abs=1e-12) and m["rho"] < 0.999
+    assert m["rho_all_spearman"] == pytest.approx(1.0, abs=1e-12)
+    # two count levels, norms in the same two levels: ties averaged, so Spearman is exactly 1
+    counts = torch.tensor([1.0, 5.0] * 50)
+    axes = torch.stack([unit(8, i % 8) for i in range(100)])  # exact unit rows: equal levels give equal norms
+    m = embedding_metrics(axes * (1 + counts)[:, None], counts)
+    assert m["rho_spearman"] == pytest.approx(1.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------- all-but-the-top
+def test_abtt_metrics_are_those_of_the_post_processed_matrix():
+    matrix = gaussian_cloud(600, 16, scale=1.0, seed=24) @ torch.diag(torch.linspace(3.0, 0.2, 16,
+                                                                                     dtype=torch.float64)) + 0.5
+    m = embedding_metrics(matrix)
+    processed = all_but_the_top(matrix)
+    direct = embedding_metrics(processed)
+    assert m["abtt/components"] == abtt_components(16) == 1
+    for key in ("iso_both_signs", "avg_cosine", "isoscore", "effective_rank"):
+        assert m[f"abtt/{key}"] == pytest.approx(direct[key], rel=1e-6), key
+    # abtt/iso orients the eigenvectors by the mean of E (as centered/iso does): a direct evaluation so
+    points = processed.numpy()
+    iso, iso_both = direct_iso(points, oriented_eigenvectors(points.T @ points, matrix.mean(dim=0).numpy()))
+    assert m["abtt/iso"] == pytest.approx(iso, rel=1e-9)
+    assert m["abtt/iso_both_signs"] == pytest.approx(iso_both, rel=1e-9)
+    # the removed direction was the most anisotropic one: what is left is closer to isotropic
+    assert m["abtt/iso"] > m["centered/iso"]
+
+
+def test_abtt_of_a_matrix_it_empties_reports_the_values_of_a_zero_matrix():
+    two_rows = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, 1.0, 3.0, 2.0]], dtype=torch.float64).repeat(5, 1)
+    with pytest.warns(RuntimeWarning, match="all-but-the-top removes"):
+        m = embedding_metrics(two_rows)
+    assert m["abtt/iso"] == 1.0 and m["abtt/avg_cosine"] == 0.0 and m["abtt/isoscore"] == 0.0
+    assert m["abtt/effective_rank"] == 0.0
+    assert m["centered/avg_cosine"] == pytest.approx(-1.0 / 9, rel=1e-9)  # +v and -v, 5 each: (40 - 50) / 90
+
+
+def test_seen_and_frequency_sets_of_a_mostly_unseen_vocabulary():
+    """Few seen rows are gathered, most seen rows are measured in place (weight 0 on the others): same values."""
+    matrix = gaussian_cloud(80, 6, scale=0.5, seed=25) + 0.3
+    for seen_rows in (20, 70):
+        counts = torch.zeros(80)
+        counts[torch.randperm(80, generator=torch.Generator().manual_seed(seen_rows))[:seen_rows]] = \
+            torch.arange(1.0, seen_rows + 1)
+        m = embedding_metrics(matrix, counts, top_k=10)
+        seen = counts > 0
+        for key, value in embedding_metrics(matrix[seen]).items():
+            assert m[f"seen/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), (seen_rows, key)
+        repeated = embedding_metrics(torch.repeat_interleave(matrix[seen], counts[seen].long(), dim=0))
+        for key in ("iso", "iso_both_signs", "mean_norm_ratio", "isoscore", "effective_rank", "kappa",
+                    "centered/iso", "abtt/iso", "abtt/isoscore"):
+            assert m[f"freq/{key}"] == pytest.approx(repeated[key], rel=1e-9), (seen_rows, key)

@@ -6,8 +6,8 @@
 
 Wraps ``coupled_adam_hf.metrics.embedding_metrics``: every row of ``embeddings`` is one vocabulary item.
 Optional compute arguments: ``token_counts`` (one count per row, from the training data: adds the ``seen/``,
-``top{k}/``, ``freq/`` variants and ``rho``) and ``top_k``. Rows may arrive in several ``add_batch`` calls; their
-order is kept, so ``token_counts`` must follow the same order. For a large matrix, calling
+``top{k}/``, ``freq/`` variants and the ``rho...`` correlations) and ``top_k``. Rows may arrive in several
+``add_batch`` calls; their order is kept, so ``token_counts`` must follow the same order. For a large matrix, calling
 ``embedding_metrics(weight)`` directly skips the Arrow round trip.
 """
 
@@ -26,8 +26,10 @@ Args:
     top_k (`int`, optional): size of the most-frequent subset (default 1000).
 Returns:
     A flat dict of floats: iso, iso_both_signs, mean_norm, mean_row_norm, mean_norm_ratio, avg_cosine, isoscore,
-    effective_rank, explained_variance_top1/top10, kappa, sigma_max, centered/..., and with counts rho, seen/...,
-    top{k}/..., freq/...
+    effective_rank, explained_variance_top1/top10, kappa, sigma_max (the largest singular value),
+    top_direction_rms (sigma_max / sqrt(V)), centered/..., abtt/... (after all-but-the-top), and with counts the
+    frequency correlations rho, rho_spearman, rho_mu, rho_mu_spearman (seen rows) and rho_all... (every row, the
+    paper's convention), seen/..., top{k}/..., freq/...
 Examples:
     >>> anisotropy = evaluate.load("metrics/anisotropy")
     >>> round(anisotropy.compute(embeddings=[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])["avg_cosine"], 4)
