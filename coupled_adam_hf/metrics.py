@@ -22,14 +22,16 @@ Metrics (``mu = mean_i e_i``):
 ``isoscore``
     IsoScore (Rudman et al., 2022) in closed form: ``(PR - 1) / (H - 1)``, ``PR = tr(C)^2 / ||C||_F^2`` with ``C``
     the covariance of the rows. Mean-free by design.
-``effective_rank``, ``explained_variance_top1``, ``explained_variance_top10``, ``kappa``, ``sigma_max``, ``top_direction_rms``
+``effective_rank``, ``explained_variance_top1``, ``explained_variance_top10``, ``kappa``, ``sigma_max``,
+``top_direction_rms``
     From the singular values ``sigma_1 >= ... >= sigma_r`` of ``E`` (``r = min(V, H)``):
     ``exp(entropy(sigma / sum sigma))`` (Roy & Vetterli, 2007), the share of ``sum sigma^2`` in the top 1 / top 10
     directions, ``kappa = sigma_r / sigma_1`` (the paper's ``Smin / Smax``), ``sigma_max = sigma_1`` (the plain
     largest singular value, as the paper reports it) and ``top_direction_rms = sigma_1 / sqrt(V)``, the RMS
     coordinate of the rows along the top right-singular direction (comparable across vocabulary sizes).
     The singular values come from the Gram matrix's eigenvalues, whose absolute error (``~eps sigma_1^2``, up to
-    ``V`` times that for structured rows) loses the small end (a true ``kappa`` of 1e-8 read 9.8e-9, 1e-10 read 0).
+    ``V`` times that for structured rows) loses the small end: from them alone, a true ``kappa`` of 1e-8 reads
+    9.8e-9 and 1e-10 reads 0.
     Singular values below ``1e-2 sigma_1`` are therefore recomputed from the projections of the rows on the Gram
     matrix's eigenvectors, which the Iso pass computes anyway, with the leakage of the large directions projected
     out (recursively, on ever fewer columns): ``kappa`` is exact to a relative ``1e-6`` or better down to
@@ -47,13 +49,11 @@ Metrics (``mu = mean_i e_i``):
 With token counts (``embedding_metrics(E, counts)``), correlations with log token frequency, of the row norm
 ``||e_i||`` and of ``e_i . mu`` (``mu`` the mean over all rows), Pearson and Spearman (ranks with ties averaged):
 
-================================  =====================================================================
-``rho``, ``rho_spearman``          ``||e_i||`` against ``log count_i``, over the rows seen in training
-``rho_mu``, ``rho_mu_spearman``    ``e_i . mu`` against ``log count_i``, over the rows seen in training
-``rho_all``, ``rho_all_spearman``  ``||e_i||`` against ``log(p_i + 1e-10)`` over every row, ``p_i = count_i /
-                                   sum count`` (the paper's convention: unseen rows sit at ``log 1e-10``)
-``rho_mu_all``, ``rho_mu_all_spearman``  ``e_i . mu`` against ``log(p_i + 1e-10)``, over every row
-================================  =====================================================================
+- ``rho``, ``rho_spearman``: ``||e_i||`` against ``log count_i``, over the rows seen in training;
+- ``rho_mu``, ``rho_mu_spearman``: ``e_i . mu`` against ``log count_i``, over the rows seen in training;
+- ``rho_all``, ``rho_all_spearman``, ``rho_mu_all``, ``rho_mu_all_spearman``: the same against
+  ``log(p_i + 1e-10)`` over every row, ``p_i = count_i / sum count`` (the paper's convention; unseen and padding
+  rows sit at ``log 1e-10``);
 
 and the whole set again over the rows seen in training (``seen/...``), over the ``k`` most frequent rows
 (``top{k}/...``) and weighted by unigram frequency (``freq/...``: every mean over rows becomes a
