@@ -3,8 +3,9 @@
 - :class:`CoupledAdam`: the optimizer (a ``torch.optim.Optimizer``; knows nothing of transformers).
 - :func:`partition_parameters`: a model's param groups (coupled embeddings, decayed, not decayed).
 - :class:`CoupledAdamTrainingArguments`, :class:`CoupledAdamTrainer`: ``--optim coupled_adam`` for ``Trainer``.
-- :func:`embedding_metrics`, :func:`quick_isotropy`, :func:`evaluate_perplexity`, :class:`EmbeddingIsotropyCallback`:
-  evaluation (isotropy of embedding matrices, sliding-window perplexity, logging during training).
+- :func:`embedding_metrics`, :func:`quick_isotropy`, :func:`evaluate_perplexity`, :func:`word_similarity`,
+  :class:`EmbeddingIsotropyCallback`: evaluation (isotropy of embedding matrices, sliding-window perplexity,
+  word-similarity benchmarks, logging during training).
 """
 
 from ._kernels import read_policy as kernel_policy
@@ -31,6 +32,7 @@ _LAZY_HF_EXPORTS = {
     "embedding_metrics": ".metrics",
     "quick_isotropy": ".metrics",
     "evaluate_perplexity": ".perplexity",
+    "word_similarity": ".wordsim",
     "EmbeddingIsotropyCallback": ".callbacks",
 }
 __all__ += list(_LAZY_HF_EXPORTS)
