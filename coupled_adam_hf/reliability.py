@@ -199,7 +199,7 @@ def checkpoint_shape_mismatches(path: str | os.PathLike, model: torch.nn.Module)
     return mismatches
 
 
-# ------------------------------------------------------------------------------- loading for evaluation
+# ---------------------------------------------------------------------------- loading for evaluation
 #: Files of which a local checkpoint's tokenizer needs at least one.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 

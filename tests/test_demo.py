@@ -52,7 +52,7 @@ def test_word_similarity_section_puts_runs_side_by_side_per_vocabulary_and_owns_
     assert "| simlex999 | 13 / 999 | 62 | 4.0 | 12.5 | 2.0 | 6.2 |" in text  # 1.96 / sqrt(10) x 100
     assert "| ws353_sim | 1 / 203 | - | - | - | - | - |" in text
     assert "| mean (2 of 5) | 24 / 6488 | - | 4.0 | 12.5 |" in text
-    assert "only 24 of the 6488 pairs" in text and "`--gpt2_vocabulary`" in text and "4230 of the 6488" in text
+    assert "keeps only 24 of the 6488 pairs (0%)" in text and "`--gpt2_vocabulary`" in text and "4230 of the 6488" in text
     assert "![word_similarity.png](word_similarity.png)" in text
 
     results["checkpoints"].update({"AdamW, GPT-2 vocab": fake_word_similarity(gpt2, 50257, 10.0),
@@ -104,7 +104,7 @@ def test_demo_trains_both_runs_evaluates_them_and_writes_the_report(tmp_path):
     covered = [c["mean"]["covered"] for c in similarity["checkpoints"].values()]
     assert covered[0] == covered[1] < 0.25 * 6488  # the same 4k BPE: the same pairs
     assert "## Word similarity" in text and "| benchmark | covered | ± | AdamW r | Coupled Adam r |" in text
-    assert f"only {covered[0]} of the 6488 pairs" in text and "`--gpt2_vocabulary`" in text
+    assert f"keeps only {covered[0]} of the 6488 pairs" in text and "`--gpt2_vocabulary`" in text
     assert (out / "report" / "word_similarity.png").stat().st_size > 1000
 
     # --reuse keeps finished runs and evaluations: nothing is trained or evaluated again

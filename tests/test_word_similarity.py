@@ -17,7 +17,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from coupled_adam_hf import wordsim
 from coupled_adam_hf.wordsim import (
     BENCHMARK_NAMES,
     MIN_PAIRS,

@@ -1,4 +1,4 @@
-"""Word similarity of an input-embedding matrix on SimLex-999, MEN, WordSim-353 and Rare Words: a local `evaluate` module.
+"""Word similarity of input embeddings (SimLex-999, MEN, WordSim-353, Rare Words): a local `evaluate` module.
 
     import evaluate
     word_similarity = evaluate.load("metrics/word_similarity")
