@@ -7,8 +7,9 @@
 - :class:`CoupledAdamTrainingArguments`, :class:`CoupledAdamTrainer`: ``--optim coupled_adam`` for ``Trainer``.
 - :func:`register_with_transformers`: ``optim="coupled_adam"`` for every ``TrainingArguments`` and plain ``Trainer``
   in this process; ``python -m coupled_adam_hf.run`` runs an unmodified script or module with it.
-- :func:`embedding_metrics`, :func:`quick_isotropy`, :func:`evaluate_perplexity`, :class:`EmbeddingIsotropyCallback`:
-  evaluation (isotropy of embedding matrices, sliding-window perplexity, logging during training).
+- :func:`embedding_metrics`, :func:`quick_isotropy`, :func:`evaluate_perplexity`, :func:`word_similarity`,
+  :class:`EmbeddingIsotropyCallback`: evaluation (isotropy of embedding matrices, sliding-window perplexity,
+  word-similarity benchmarks, logging during training).
 """
 
 from ._kernels import read_policy as kernel_policy
@@ -36,6 +37,7 @@ _LAZY_HF_EXPORTS = {
     "embedding_metrics": ".metrics",
     "quick_isotropy": ".metrics",
     "evaluate_perplexity": ".perplexity",
+    "word_similarity": ".wordsim",
     "EmbeddingIsotropyCallback": ".callbacks",
 }
 __all__ += list(_LAZY_HF_EXPORTS)

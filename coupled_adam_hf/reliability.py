@@ -5,6 +5,9 @@
   ``kill -9`` cut short; such folders (and ones with truncated weights) are skipped when resuming.
 - the output-folder policy of ``scripts/train.py`` (start, resume or refuse, decided before anything is written);
   the signal handling lives in :class:`coupled_adam_hf.callbacks.SaveOnSignalCallback`.
+- the eval scripts' loading of a checkpoint's model and tokenizer (:func:`load_checkpoint_model`,
+  :func:`load_checkpoint_tokenizer`) and their refusal to overwrite results (:func:`check_results_file`): a bad
+  folder, a missing tokenizer or existing results are one line, before anything is written.
 - :class:`NonFiniteTrainingError` and :func:`nonfinite_parameters`: what
   :class:`coupled_adam_hf.CoupledAdamTrainer` raises when the loss becomes NaN/inf (before that step's update) or
   when weights about to be saved are not finite, so that no checkpoint written after the divergence replaces
@@ -25,18 +28,24 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from .cli import UsageError
+from .cli import OutputExistsError, UsageError
+from .cli import one_line as _one_line
 
 __all__ = [
     "RUN_FILES",
     "STALE_RESULT_FILES",
+    "TOKENIZER_FILES",
     "NonFiniteTrainingError",
     "check_output_dir",
+    "check_results_file",
     "checkpoint_problem",
     "checkpoint_shape_mismatches",
     "checkpoint_step",
     "find_resumable_checkpoint",
+    "is_local_path",
     "list_checkpoints",
+    "load_checkpoint_model",
+    "load_checkpoint_tokenizer",
     "model_folder_problem",
     "nonfinite_parameters",
     "prepare_output_dir",
@@ -190,11 +199,73 @@ def checkpoint_shape_mismatches(path: str | os.PathLike, model: torch.nn.Module)
     return mismatches
 
 
+# ---------------------------------------------------------------------------- loading for evaluation
+#: Files of which a local checkpoint's tokenizer needs at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def is_local_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local folder (one that exists, or a path spelled as one) rather than a Hub id."""
+    return Path(path).is_dir() or str(path).startswith((".", "/", "~"))
+
+
+def load_checkpoint_model(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """A checkpoint's model for the eval scripts: a causal LM when it is one (an untied head is kept), else the
+    base ``AutoModel`` (BERT, a T5 encoder, ...: the same embeddings). Bad folders: one-line UsageError."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    problem = model_folder_problem(path) if is_local_path(path) else None
+    if problem:
+        raise UsageError(f"cannot load checkpoint {path!r}: {problem}")
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as error:
+        raise UsageError(f"cannot load checkpoint {path!r}: {_one_line(error)}") from error
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        except ValueError:  # not a causal LM
+            return AutoModel.from_pretrained(path, config=config, **kwargs)
+    except Exception as error:  # unreadable weights
+        raise UsageError(f"cannot load checkpoint {path!r}: {_one_line(error)}") from error
+
+
+def load_checkpoint_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """A checkpoint's tokenizer; a checkpoint without one is a one-line UsageError that says so. Cheap enough to
+    run for every checkpoint before any model loads."""
+    from transformers import AutoTokenizer
+
+    local = is_local_path(path)
+    problem = model_folder_problem(path) if local else None
+    if problem:
+        raise UsageError(f"cannot load checkpoint {path!r}: {problem}")
+    if local and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers 5 builds an empty tokenizer of the config's class from a folder without one
+        raise UsageError(f"checkpoint {path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save one "
+                         "beside the model with tokenizer.save_pretrained")
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise UsageError(f"checkpoint {path!r} has no tokenizer (save one beside the model with "
+                         f"tokenizer.save_pretrained): {_one_line(error)}") from error
+
+
 # ------------------------------------------------------------------------------------------- output folder
 def check_output_dir(output_dir: str | os.PathLike) -> None:
     """UsageError if ``output_dir`` exists but is not a folder (nothing is created)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir} is not a directory")
+
+
+def check_results_file(output_dir: str | os.PathLike, name: str, *, overwrite: bool) -> Path:
+    """``output_dir / name`` for an evaluation to write; refused (OutputExistsError) when it exists and
+    ``overwrite`` is false, and when ``output_dir`` is not a folder. Nothing is created."""
+    check_output_dir(output_dir)
+    results = Path(output_dir) / name
+    if results.exists() and not overwrite:
+        raise OutputExistsError(f"{results} exists: pass --overwrite_output_dir to replace it, or another --output_dir")
+    return results
 
 
 def resolve_checkpoint(training_args: TrainingArguments, *, log: bool = True) -> str | None:

