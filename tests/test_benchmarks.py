@@ -6,24 +6,17 @@ structure and the arithmetic that does not depend on the clock (state bytes, the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+import _scripts  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"coupled_adam_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is being built
-    spec.loader.exec_module(module)
-    return module
+    return _scripts.load_script(name, f"coupled_adam_{name}")
 
 
 def test_optimizer_benchmark_reports_ratio_state_and_bandwidth_of_every_contender(tmp_path, capsys):

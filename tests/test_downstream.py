@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from importlib import resources
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,18 +17,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from coupled_adam_hf import downstream
 from coupled_adam_hf.downstream import BLIMP_FIELDS, load_blimp, score_blimp, summarize_blimp
 
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+from _scripts import OFFLINE, ROOT, load_script  # tests/ is on sys.path
 HAS_LM_EVAL = downstream.lm_eval_problem() is None
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(module)
-    return module
 
 
 eval_downstream = load_script("eval_downstream")

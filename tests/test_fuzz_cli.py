@@ -8,12 +8,10 @@ a library. Only the parsing and validation layer runs (``check_arguments``): not
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
 import string
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,17 +21,14 @@ from hypothesis import strategies as st
 
 from coupled_adam_hf.cli import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+import _scripts  # tests/ is on sys.path (pytest's rootdir-relative import)
+from _scripts import ROOT
 for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(name, "1")  # a fuzzed Hub name must never wait on the network
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"fuzz_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _scripts.load_script(name, f"fuzz_{name}")
 
 
 train_script = load_script("train")

@@ -8,29 +8,20 @@ import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script  # tests/ is on sys.path
 LARGE_RECIPES = sorted((ROOT / "recipes").glob("llama-*.yaml"))
 # the paper's large-scale table (Stollenwerk & Stollenwerk, ACL 2025): layers, heads, width, lr; parameters built
 PAPER = {"1.3b": (24, 32, 2048, 2.0e-4, 1.34e9), "2.6b": (32, 32, 2560, 1.6e-4, 2.67e9)}
 GPUS = 8  # what the headers say the recipes were sized for
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("coupled_adam_train_script_large", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and HfArgumentParser resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = load_train_script()
+train_script = load_script("train", "coupled_adam_train_script_large")
 
 
 def overrides(recipe: dict) -> dict[str, str]:

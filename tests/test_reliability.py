@@ -8,7 +8,6 @@ reference: interrupted runs, resumed by re-running the same command, must end wi
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import logging
 import os
 import shutil
@@ -33,18 +32,13 @@ from coupled_adam_hf.reliability import (
     nonfinite_parameters,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+import _scripts  # tests/ is on sys.path (pytest's rootdir-relative import)
+from _scripts import OFFLINE, ROOT
 MAX_STEPS, SAVE_STEPS, PAUSE_AT = 8, 3, 4
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"reliability_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through the module
-    spec.loader.exec_module(module)
-    return module
+    return _scripts.load_script(name, f"reliability_{name}")
 
 
 train_script = load_script("train")

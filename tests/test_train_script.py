@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,12 @@ from safetensors.torch import load_file
 from coupled_adam_hf import reliability
 from coupled_adam_hf.data import SHAKESPEARE_TRAIN, SHAKESPEARE_VALIDATION
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script  # tests/ is on sys.path
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 PAPER_RECIPES = [p for p in RECIPES if p.name.startswith("gpt2-")]
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("coupled_adam_train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and HfArgumentParser resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = load_train_script()
+train_script = load_script("train", "coupled_adam_train_script")
 
 
 @pytest.fixture(scope="module")
