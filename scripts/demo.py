@@ -359,7 +359,7 @@ def blimp_section(results: dict[str, Any], labels: list[str], figure: str | None
         "noise.",
         "",
     ]
-    header = ["", "pairs", "±", *checkpoints]
+    header, below = ["", "pairs", "±", *checkpoints], []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, title in BLIMP_ROWS:
         if key == "overall":
@@ -372,7 +372,13 @@ def blimp_section(results: dict[str, Any], labels: list[str], figure: str | None
             continue
         lines.append("| " + " | ".join([f"{title} ({paradigms} paradigms)", str(n), f"{0.98 / n ** 0.5:.3f}",
                                         *(f"{value:.3f}" for value in values)]) + " |")
+        if key != "overall" and max(values) < 0.5 - 0.98 / n ** 0.5:
+            below.append(title)
     lines.append("")
+    if below:
+        lines += [f"Below chance for every run: {', '.join(below)}. A total log-probability favours the shorter "
+                  "sentence, and in some paradigms the ungrammatical one is shorter (it drops a word): a small "
+                  "model's preference for it is systematic, not noise.", ""]
     if figure:
         lines += [f"![{figure}]({figure})", ""]
     return lines

@@ -86,6 +86,7 @@ def test_blimp_section_puts_runs_side_by_side_overall_and_per_field_with_the_noi
     assert "| syntax (40 paradigms) | 4000 | 0.015 | 0.550 | 0.600 |" in text
     assert "| syntax-semantics (4 paradigms) | 400 | 0.049 | 0.500 | 0.500 |" in text
     assert "scorer native" in text and "![blimp.png](blimp.png)" in text
+    assert "Below chance for every run: semantics." in text  # 0.4 against 0.5 - 0.040 for 600 pairs
     assert demo.blimp_section({"checkpoints": {"AdamW": {}}}, ["AdamW"]) == []  # BLiMP not run: no section
 
 
