@@ -120,24 +120,29 @@ def sentence_log_probs(model, tokenizer, sentences: Sequence[str], *, batch_size
 
 
 def summarize_blimp(pairs: Sequence[dict[str, Any]], correct: Sequence[bool]) -> dict[str, Any]:
-    """Accuracy per paradigm, per field (mean over its paradigms) and overall (mean over paradigms)."""
+    """Accuracy per paradigm, per field (mean over its paradigms) and overall (mean over paradigms), with the
+    number of paradigms and of pairs behind each field."""
     by_paradigm: dict[str, list[bool]] = defaultdict(list)
     field_of: dict[str, str] = {}
     for pair, right in zip(pairs, correct, strict=True):
         by_paradigm[pair["UID"]].append(bool(right))
         field_of[pair["UID"]] = pair["field"]
     paradigms = {uid: sum(values) / len(values) for uid, values in sorted(by_paradigm.items())}
-    fields = {}
+    fields, field_paradigms, field_pairs = {}, {}, {}
     for field in BLIMP_FIELDS:
-        members = [paradigms[uid] for uid in paradigms if field_of[uid] == field]
+        members = [uid for uid in paradigms if field_of[uid] == field]
         if members:
-            fields[field] = sum(members) / len(members)
+            fields[field] = sum(paradigms[uid] for uid in members) / len(members)
+            field_paradigms[field] = len(members)
+            field_pairs[field] = sum(len(by_paradigm[uid]) for uid in members)
     return {
         "overall": sum(paradigms.values()) / len(paradigms),
         "fields": fields,
         "paradigms": paradigms,
         "pairs": len(pairs),
         "pairs_per_paradigm": {uid: len(values) for uid, values in sorted(by_paradigm.items())},
+        "paradigms_per_field": field_paradigms,
+        "pairs_per_field": field_pairs,
     }
 
 

@@ -230,8 +230,13 @@ def plot_metric_bars(
     *,
     keys: Sequence[str] = DEFAULT_BAR_METRICS,
     title: str | None = None,
+    reference: float | None = None,
+    reference_label: str = "chance",
 ) -> Path:
-    """Grouped bars: one group per metric key, one bar per checkpoint (``{label: embedding_metrics(...)}``)."""
+    """Grouped bars: one group per metric key, one bar per checkpoint (``{label: embedding_metrics(...)}``).
+
+    ``reference``: a dashed horizontal line at that value (e.g. an accuracy's chance level), named in the legend.
+    """
     if not metrics:
         raise ValueError("no metrics to plot: pass {label: metrics dict}")
     keys = [key for key in keys if any(key in m for m in metrics.values())]
@@ -249,6 +254,8 @@ def plot_metric_bars(
                      padding=2)
     ax.set_xticks(positions, [_LABELS.get(key, key) for key in keys])
     ax.axhline(0, color="black", linewidth=0.8)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1.0, label=reference_label)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
     ax.margins(y=0.15)

@@ -12,9 +12,10 @@
 The two main runs go through the real pipeline: ``scripts/train.py`` with ``recipes/quickstart-adamw.yaml`` and
 ``recipes/quickstart-coupled.yaml`` (same model, seed, data order, schedule and param groups; only the coupling of
 the token/position embeddings' second moment differs), then ``scripts/eval_isotropy.py``,
-``scripts/eval_perplexity.py`` on the held-out plays and ``scripts/eval_word_similarity.py``. Everything lands in
-``--output_dir``: ``runs/<name>/`` (checkpoints, ``all_results.json``), ``eval/`` (``isotropy.json``,
-``<name>/perplexity.json``, ``word_similarity.json``, figures) and ``report/report.md`` with its PNGs.
+``scripts/eval_perplexity.py`` on the held-out plays, ``scripts/eval_word_similarity.py`` and BLiMP through
+``scripts/eval_downstream.py`` (``--blimp_limit`` pairs per paradigm). Everything lands in ``--output_dir``:
+``runs/<name>/`` (checkpoints, ``all_results.json``), ``eval/`` (``isotropy.json``, ``<name>/perplexity.json``,
+``word_similarity.json``, ``blimp/downstream.json``, figures) and ``report/report.md`` with its PNGs.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class DemoArguments:
     eval_max_tokens: int | None = field(
         default=None, metadata={"help": "Score at most this many validation tokens for perplexity (default: all)."}
     )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validation blocks for the eval loss during training (default: the "
+                                        "recipes' 256)."}
+    )
+    blimp_limit: int = field(
+        default=100, metadata={"help": "BLiMP pairs per paradigm, of 1000 (0: all 67,000 pairs)."}
+    )
 
 
 class DemoError(UsageError):
@@ -152,6 +160,8 @@ def train(run: Run, out: Path, args: DemoArguments) -> Path:
         command += run.overrides  # a study's own settings (its --max_steps too) win over --long's
     if args.max_steps is not None:
         command += ["--max_steps", str(args.max_steps)]
+    if args.max_eval_samples is not None:
+        command += ["--max_eval_samples", str(args.max_eval_samples)]
     command += ["--output_dir", str(run_dir), "--log_level", "warning", "--report_to", "none"]
     if run_dir.exists() and not args.reuse:
         command += ["--overwrite_output_dir", "true"]  # with --reuse, train.py resumes an interrupted run instead
@@ -195,8 +205,19 @@ def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoAr
             "--labels", *[r.label for r in runs],
             "--output_dir", str(eval_dir / "word_similarity"), "--overwrite_output_dir", "true",
         ])
+    blimp_file = eval_dir / "blimp" / "downstream.json"
+    if not (args.reuse and blimp_file.is_file() and blimp_file.stat().st_mtime >= newest_model
+            and list(read_json(blimp_file)["checkpoints"]) == [r.label for r in runs]
+            and read_json(blimp_file)["arguments"]["limit"] == (args.blimp_limit or None)):
+        run_step("BLiMP of all runs", [
+            sys.executable, "scripts/eval_downstream.py",
+            "--model_name_or_path", *[str(run_dirs[r.name]) for r in runs],
+            "--labels", *[r.label for r in runs], "--tasks", "blimp", "--scorer", "native",
+            *(["--limit", str(args.blimp_limit)] if args.blimp_limit else []),
+            "--output_dir", str(eval_dir / "blimp"), "--overwrite_output_dir", "true",
+        ])
     return {"isotropy": read_json(isotropy_file), "perplexity": perplexities,
-            "word_similarity": read_json(similarity_file)}
+            "word_similarity": read_json(similarity_file), "blimp": read_json(blimp_file)}
 
 
 HEADLINE = [
@@ -211,6 +232,7 @@ HEADLINE = [
     ("avg cos (seen)", lambda r: r["token"].get("seen/avg_cosine"), "{:.3f}"),
     ("eff. rank", lambda r: r["token"].get("effective_rank"), "{:.1f}"),
     ("eff. rank (seen)", lambda r: r["token"].get("seen/effective_rank"), "{:.1f}"),
+    ("BLiMP", lambda r: r["blimp"].get("overall"), "{:.3f}"),
 ]
 
 
@@ -220,7 +242,8 @@ def collect_rows(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         matrices = evaluation["isotropy"]["checkpoints"][run.label]["matrices"]
         token = matrices.get("token") or next(iter(matrices.values()))
         record = {"all_results": read_json(run_dirs[run.name] / "all_results.json"),
-                  "perplexity": evaluation["perplexity"][run.name], "token": token}
+                  "perplexity": evaluation["perplexity"][run.name], "token": token,
+                  "blimp": evaluation["blimp"]["checkpoints"].get(run.label, {}).get("blimp", {})}
         row = {"run": run.label}
         for name, getter, fmt in HEADLINE:
             value = getter(record)
@@ -309,6 +332,58 @@ def word_similarity_section(results: dict[str, Any], labels: list[str], figure: 
     return lines
 
 
+BLIMP_ROWS = [("overall", "overall"), ("morphology", "morphology"), ("syntax", "syntax"),
+              ("semantics", "semantics"), ("syntax_semantics", "syntax-semantics")]
+
+
+def blimp_section(results: dict[str, Any], labels: list[str], figure: str | None = None) -> list[str]:
+    """The report's BLiMP part: accuracy overall and per field, the runs side by side, with the noise of an
+    accuracy measured on that many pairs."""
+    checkpoints = {label: results["checkpoints"][label]["blimp"] for label in labels
+                   if "blimp" in results["checkpoints"].get(label, {})}
+    if not checkpoints:
+        return []
+    first = next(iter(checkpoints.values()))
+    per_paradigm = sorted(set(first["pairs_per_paradigm"].values()))
+    per_paradigm_text = (f"{per_paradigm[0]}" if len(per_paradigm) == 1
+                         else f"{per_paradigm[0]}-{per_paradigm[-1]}")
+    lines = [
+        "## BLiMP",
+        "",
+        f"Accuracy on BLiMP's minimal pairs (Warstadt et al. 2020; `scripts/eval_downstream.py`, scorer "
+        f"{first['scorer']}): a pair is right when the model gives the grammatical sentence the higher total "
+        f"log-probability; chance is 0.5. {len(first['paradigms'])} paradigms x {per_paradigm_text} pairs "
+        f"({first['pairs']} pairs; `--blimp_limit`); a field's accuracy is the mean over its paradigms, overall "
+        "the mean over all paradigms. `±` is the 95% range of an accuracy measured on that many pairs "
+        "(1.96 x 0.5 / sqrt(n), its widest, at 0.5); a difference between two runs inside about 1.4 times it is "
+        "noise.",
+        "",
+    ]
+    header, below = ["", "pairs", "±", *checkpoints], []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, title in BLIMP_ROWS:
+        if key == "overall":
+            n, paradigms = first["pairs"], len(first["paradigms"])
+            values = [entry["overall"] for entry in checkpoints.values()]
+        elif key in first["fields"]:
+            n, paradigms = first["pairs_per_field"][key], first["paradigms_per_field"][key]
+            values = [entry["fields"][key] for entry in checkpoints.values()]
+        else:
+            continue
+        lines.append("| " + " | ".join([f"{title} ({paradigms} paradigms)", str(n), f"{0.98 / n ** 0.5:.3f}",
+                                        *(f"{value:.3f}" for value in values)]) + " |")
+        if key != "overall" and max(values) < 0.5 - 0.98 / n ** 0.5:
+            below.append(title)
+    lines.append("")
+    if below:
+        lines += [f"Below chance for every run: {', '.join(below)}. A total log-probability favours the shorter "
+                  "sentence, and in some paradigms the ungrammatical one is shorter (it drops a word): a small "
+                  "model's preference for it is systematic, not noise.", ""]
+    if figure:
+        lines += [f"![{figure}]({figure})", ""]
+    return lines
+
+
 def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[str, Any], rows, out: Path,
                  args: DemoArguments, seconds: float) -> Path:
     report_dir = out / "report"
@@ -324,6 +399,9 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
     similarity_figure = out / "eval" / "word_similarity" / "word_similarity.png"
     if similarity_figure.is_file():
         shutil.copyfile(similarity_figure, report_dir / similarity_figure.name)
+    blimp_figure = out / "eval" / "blimp" / "blimp.png"
+    if blimp_figure.is_file():
+        shutil.copyfile(blimp_figure, report_dir / blimp_figure.name)
     steps = sorted({trained_steps(run_dirs[r.name]) for r in runs})
     setting = "long (4 x 256, 8k vocab)" if args.long else "quickstart (4 x 128, 4k vocab)"
     load = os.getloadavg()
@@ -335,8 +413,9 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
         "plays; validation on three held-out plays (Macbeth, Twelfth Night, Julius Caesar). Same seed, data order, "
         "schedule (warmup, cosine to lr/10), clipping 1.0 and param groups; embedding weight decay 0.",
         "",
-        "Token-embedding metrics (the paper's, Stollenwerk & Stollenwerk 2025) over all rows and over the rows of tokens seen in training. "
-        "Perplexity: sliding window, context 128, stride 64, on the held-out plays.",
+        "Token-embedding metrics (the paper's, Stollenwerk & Stollenwerk 2025) over all rows and over the rows of "
+        "tokens seen in training. Perplexity: sliding window, context 128, stride 64, on the held-out plays. BLiMP: "
+        "accuracy on grammatical/ungrammatical sentence pairs (below).",
         "",
         markdown_table(rows),
         "",
@@ -347,6 +426,8 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
           if {r.name for r in GPT2_RUNS} & {r.name for r in runs} else []),
         *word_similarity_section(evaluation["word_similarity"], [r.label for r in runs],
                                  similarity_figure.name if similarity_figure.is_file() else None),
+        *blimp_section(evaluation["blimp"], [r.label for r in runs],
+                       blimp_figure.name if blimp_figure.is_file() else None),
         f"Wall time {seconds / 60:.1f} min; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
         "",
         "## Figures",
@@ -364,7 +445,8 @@ def write_report(runs: list[Run], run_dirs: dict[str, Path], evaluation: dict[st
     lines += ["## Where the numbers come from", ""]
     lines += [f"- {r.label}: `{run_dirs[r.name]}` (`all_results.json`, `trainer_state.json`)" for r in runs]
     lines += [f"- isotropy: `{isotropy_dir / 'isotropy.json'}`; perplexity: `{out / 'eval'}/<run>/perplexity.json`; "
-              f"word similarity: `{out / 'eval' / 'word_similarity' / 'word_similarity.json'}`"]
+              f"word similarity: `{out / 'eval' / 'word_similarity' / 'word_similarity.json'}`; "
+              f"BLiMP: `{out / 'eval' / 'blimp' / 'downstream.json'}`"]
     path = report_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (report_dir / "headline.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -438,6 +520,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise DemoError(f"--seeds must be >= 1, got {args.seeds}")
     if args.max_steps is not None and args.max_steps < 1:
         raise DemoError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        raise DemoError(f"--max_eval_samples must be >= 1, got {args.max_eval_samples}")
+    if not 0 <= args.blimp_limit <= 1000:
+        raise DemoError(f"--blimp_limit must be 0 (all pairs) or 1 to 1000 pairs per paradigm, got "
+                        f"{args.blimp_limit}")
     if args.study is not None:
         if args.family or args.gpt2_vocabulary:
             raise DemoError("--family and --gpt2_vocabulary do not combine with --study: run them one after the other")

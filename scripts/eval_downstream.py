@@ -8,7 +8,8 @@
     python scripts/eval_downstream.py --model_name_or_path runs/coupled --output_dir eval/paper --tasks paper
 
 ``--tasks blimp`` scores the 67 BLiMP paradigms shipped with the package (Warstadt et al. 2020, CC-BY 4.0):
-accuracy per paradigm, per field and overall (mean over paradigms); ``--limit N`` takes N pairs per paradigm.
+accuracy per paradigm, per field and overall (mean over paradigms); ``--limit N`` takes N pairs per paradigm;
+``blimp.png`` draws overall and per-field accuracy, the checkpoints side by side (``--no_plots`` skips it).
 It runs through lm-evaluation-harness (``pip install 'coupled_adam_hf[downstream]'``) when that is installed and
 ``--scorer auto``, else with the package's native scorer (the same rule: :mod:`coupled_adam_hf.downstream`).
 ``--tasks paper`` runs the paper's lm-eval tasks (Section 5: hellaswag, winogrande, arc_easy, arc_challenge,
@@ -31,10 +32,12 @@ from typing import Any
 from coupled_adam_hf import cli
 from coupled_adam_hf.cli import UsageError, one_line, run_cli
 from coupled_adam_hf.downstream import BLIMP_FIELDS, PAPER_TASKS, lm_eval_problem
+from coupled_adam_hf.locking import OutputDirLock
 
 logger = logging.getLogger("eval_downstream")
 
 RESULTS_FILE = "downstream.json"
+FIGURE_FILE = "blimp.png"
 TASK_NAMES = ("blimp", "paper") + PAPER_TASKS
 SCORERS = ("auto", "lm-eval", "native")
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -62,6 +65,7 @@ class DownstreamArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": f"Replace an existing {RESULTS_FILE} (refused otherwise)."}
     )
+    plots: bool = field(default=True, metadata={"help": f"BLiMP: write {FIGURE_FILE} (--no_plots to skip)."})
 
 
 def parse_arguments(argv: list[str] | None) -> DownstreamArguments:
@@ -188,12 +192,28 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def write_figure(results: dict[str, Any], path: Path) -> Path:
+    """BLiMP accuracy overall and per field, the checkpoints side by side (chance is 0.5)."""
+    from coupled_adam_hf import plotting
+
+    bars = {label: {"overall": entry["blimp"]["overall"], **entry["blimp"]["fields"]}
+            for label, entry in results["checkpoints"].items() if "blimp" in entry}
+    return plotting.plot_metric_bars(bars, path, keys=["overall", *BLIMP_FIELDS],
+                                     title="BLiMP accuracy (mean over paradigms; chance 0.5)", reference=0.5)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns what it writes to ``downstream.json``."""
     args = parse_arguments(argv)
     labels, scorer = validate(args)
     tokenizers = load_tokenizers(args.model_name_or_path)
     device = resolve_device(args.device)
+    with OutputDirLock(args.output_dir, what="evaluation"):  # one evaluation per folder
+        return evaluate(args, labels, scorer, tokenizers, device)
+
+
+def evaluate(args: DownstreamArguments, labels: list[str], scorer: str, tokenizers: list[Any],
+             device: str) -> dict[str, Any]:
     hub = hub_tasks(args.tasks)
     results: dict[str, Any] = {"arguments": asdict(args), "checkpoints": {}}
     for label, path, tokenizer in zip(labels, args.model_name_or_path, tokenizers):
@@ -208,9 +228,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["checkpoints"][label] = entry
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    figure = args.plots and "blimp" in args.tasks
+    if figure:
+        results["plots"] = [str(write_figure(results, output_dir / FIGURE_FILE))]
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     print(format_tables(results))
-    print(f"\nWrote {output_dir / RESULTS_FILE}")
+    print(f"\nWrote {output_dir / RESULTS_FILE}" + (f" and {FIGURE_FILE}" if figure else ""))
     return results
 
 

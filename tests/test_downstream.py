@@ -113,6 +113,8 @@ def test_fields_average_their_paradigms_and_overall_averages_all_paradigms():
     assert summary["paradigms"] == {"a": 0.75, "b": 0.0, "c": 1.0}
     assert summary["fields"] == {"morphology": 0.375, "syntax": 1.0}
     assert summary["overall"] == pytest.approx((0.75 + 0.0 + 1.0) / 3)  # per paradigm, not per pair (6/8)
+    assert summary["paradigms_per_field"] == {"morphology": 2, "syntax": 1}
+    assert summary["pairs_per_field"] == {"morphology": 6, "syntax": 2}
 
 
 def test_limit_counts_per_paradigm_and_the_odd_field_name_is_normalised():
@@ -171,6 +173,11 @@ def test_eval_downstream_writes_blimp_per_checkpoint_side_by_side(tiny_checkpoin
         "blimp"]["overall"]
     table = capsys.readouterr().out
     assert "morphology" in table and "syntax_semantics" in table
+    assert (tmp_path / "blimp.png").stat().st_size > 1000 and written["plots"] == [str(tmp_path / "blimp.png")]
+
+    eval_downstream.main(["--model_name_or_path", str(folder), "--limit", "1", "--scorer", "native", "--no_plots",
+                          "--output_dir", str(tmp_path / "bare")])
+    assert (tmp_path / "bare" / "downstream.json").is_file() and not (tmp_path / "bare" / "blimp.png").exists()
 
 
 # ------------------------------------------------------------------------------------------------- bad input
