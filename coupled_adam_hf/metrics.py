@@ -61,7 +61,8 @@ frequency-weighted mean, ``Z(c) = sum_i p_i exp(c . e_i)``, the second-moment ma
 the average cosine is over two independent draws of distinct tokens, and the singular values are those of the rows
 scaled by ``sqrt(p_i)`` times ``sqrt(rows)``, i.e. weights of mean 1, so that equal counts give the unweighted values).
 
-Cost: per row set, one float64 Gram matrix (``seen/`` reuses the full one when few rows are unseen), two ``H x H``
+Cost: per row set, one float64 Gram matrix (``seen/`` reuses the full one when few rows are unseen; built from its
+upper column blocks only, about half a general product's work, see :func:`_gram`), two ``H x H``
 eigendecompositions and one pass over the rows that projects them on the raw and the centered eigenvectors
 (``O(V H^2)`` each); everything else (norms, cosines, the log-sum-exps, all-but-the-top) rides on that pass in row
 chunks of bounded size, without a float64 copy of the matrix or of a row subset.
@@ -104,6 +105,9 @@ ISO_SIGN_CONVENTION = (
 # should stay near the caches; larger on a GPU, where bigger products run faster).
 _CHUNK_ELEMENTS = {"cpu": 1 << 22}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 25
+# Row chunks of the Gram accumulation (one buffer only, reused): the Gram blocks are products with the chunk's rows
+# as inner dimension, which run at full speed only when that dimension is long, so they take larger chunks.
+_GRAM_CHUNK_ELEMENTS = {"cpu": 1 << 24}
 
 # An eigenvalue of a float64 Gram matrix carries an absolute error of c * eps * lambda_max, so sqrt(lambda) is a
 # singular value with relative error c * eps / (2 lambda / lambda_max). c is about 1 for random-like rows but grows
@@ -166,6 +170,47 @@ def _as_counts(token_counts: Tensor | object, num_rows: int, device: torch.devic
     return counts
 
 
+# ---------------------------------------------------------------------------------------------------- Gram products
+# Column blocks of a Gram product: X^T X is symmetric, but a general product computes both triangles. Splitting the
+# H columns into k blocks and computing only the k (k + 1) / 2 blocks on and above the diagonal (each a plain
+# BLAS-3 product of column slices) does (k + 1) / (2k) of the work; the blocks below are their transposes. Wider
+# blocks keep each product efficient, so k grows with H up to _GRAM_MAX_BLOCKS.
+_GRAM_BLOCK_COLUMNS = 192
+_GRAM_MAX_BLOCKS = 4
+
+
+def _gram_blocks(dim: int, blocks: int | None = None) -> list[int]:
+    """Column boundaries ``[0, ..., dim]`` of the blocks of a ``dim x dim`` Gram matrix (at most ``dim`` blocks)."""
+    if blocks is None:
+        blocks = min(_GRAM_MAX_BLOCKS, dim // _GRAM_BLOCK_COLUMNS)
+    blocks = max(1, min(blocks, dim))
+    return [(index * dim) // blocks for index in range(blocks + 1)]
+
+
+def _add_gram_upper(gram: Tensor, left: Tensor, right: Tensor, bounds: list[int]) -> None:
+    """``gram += left^T right`` on the blocks on and above the diagonal only; ``left^T right`` must be symmetric
+    (``left = right``, or ``left`` its rows scaled). :func:`_mirror_gram` fills the rest once all rows are in."""
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        gram[low:high, low:].addmm_(left[:, low:high].T, right[:, low:])
+
+
+def _mirror_gram(gram: Tensor, bounds: list[int]) -> Tensor:
+    """Copies the blocks above the diagonal to those below (transposed); the diagonal blocks stay as computed."""
+    for low, high in zip(bounds[1:-1], bounds[2:]):
+        gram[low:high, :low] = gram[:low, low:high].T
+    return gram
+
+
+def _gram(matrix: Tensor, blocks: int | None = None) -> Tensor:
+    """``matrix^T matrix`` from the upper column blocks only: the same to rounding, about half the work."""
+    bounds = _gram_blocks(matrix.shape[1], blocks)
+    if len(bounds) == 2:
+        return matrix.T @ matrix
+    gram = matrix.new_zeros(matrix.shape[1], matrix.shape[1])
+    _add_gram_upper(gram, matrix, matrix, bounds)
+    return _mirror_gram(gram, bounds)
+
+
 # ---------------------------------------------------------------------------------------------------- row sets
 class _RowSet:
     """Rows of ``weight`` to measure: all of them or those at ``index``, optionally with weights ``>= 0``.
@@ -186,16 +231,20 @@ class _RowSet:
         self.dim = weight.shape[1]
         elements = _CHUNK_ELEMENTS.get(weight.device.type, _DEFAULT_CHUNK_ELEMENTS)
         self.chunk_rows = max(1, elements // self.dim)
+        gram_elements = _GRAM_CHUNK_ELEMENTS.get(weight.device.type, _DEFAULT_CHUNK_ELEMENTS)
+        self.gram_chunk_rows = max(1, gram_elements // self.dim)
 
-    def new_buffer(self) -> Tensor:
-        return torch.empty(min(self.chunk_rows, self.num_rows), self.dim, dtype=torch.float64,
+    def new_buffer(self, chunk_rows: int | None = None) -> Tensor:
+        return torch.empty(min(chunk_rows or self.chunk_rows, self.num_rows), self.dim, dtype=torch.float64,
                            device=self.weight.device)
 
-    def chunks(self, buffer: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def chunks(self, buffer: Tensor | None = None, chunk_rows: int | None = None
+               ) -> Iterator[tuple[Tensor, Tensor | None]]:
         """``(rows [r, H] float64, weights [r] or None)``; rows may live in ``buffer`` (overwritten next chunk)."""
         direct = self.weight.dtype == torch.float64 and self.index is None
-        for start in range(0, self.num_rows, self.chunk_rows):
-            stop = min(start + self.chunk_rows, self.num_rows)
+        chunk_rows = chunk_rows or self.chunk_rows
+        for start in range(0, self.num_rows, chunk_rows):
+            stop = min(start + chunk_rows, self.num_rows)
             if self.index is None:
                 rows = self.weight[start:stop]
             else:
@@ -211,13 +260,16 @@ class _RowSet:
         gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.weight.device)
         column_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.weight.device)
         largest_norm = torch.zeros((), dtype=torch.float64, device=self.weight.device)
-        buffer = None if self.weight.dtype == torch.float64 and self.index is None else self.new_buffer()
-        for rows, weights in self.chunks(buffer):
+        buffer = (None if self.weight.dtype == torch.float64 and self.index is None
+                  else self.new_buffer(self.gram_chunk_rows))
+        bounds = _gram_blocks(self.dim)
+        for rows, weights in self.chunks(buffer, self.gram_chunk_rows):
             weighted = rows if weights is None else rows * weights[:, None]
-            gram.addmm_(weighted.T, rows)
+            _add_gram_upper(gram, weighted, rows, bounds)
             column_sum += weighted.sum(dim=0)
             if norm_bound is None:
                 largest_norm = torch.maximum(largest_norm, torch.linalg.vector_norm(rows, dim=1).max())
+        _mirror_gram(gram, bounds)
         return gram, column_sum, float(largest_norm) if norm_bound is None else norm_bound
 
 
@@ -350,7 +402,7 @@ def _accurate_singular_values(matrix: Tensor) -> Tensor:
         matrix = matrix.T
     if matrix.shape[1] == 0:
         return matrix.new_zeros(0)
-    values, vectors = _symmetric_eigh(matrix.T @ matrix)
+    values, vectors = _symmetric_eigh(_gram(matrix))
     small = _small_count(values)
     if small == 0:
         return values.clamp_min(0).sqrt().flip(0)
@@ -775,7 +827,7 @@ def all_but_the_top(weight: Tensor, num_components: int | None = None) -> Tensor
     centered = matrix - matrix.mean(dim=0)
     if num_components == 0:
         return centered
-    covariance = centered.T @ centered
+    covariance = _gram(centered)
     _, eigenvectors = _symmetric_eigh(covariance)
     top = eigenvectors[:, -num_components:]
     return centered - (centered @ top) @ top.T
@@ -792,7 +844,7 @@ def pca_projection(weight: Tensor, num_components: int = 2, *, centered: bool = 
     mean = matrix.mean(dim=0)
     if num_components < 1 or num_components > matrix.shape[1]:
         raise ValueError(f"num_components must be in [1, {matrix.shape[1]}], got {num_components}")
-    second_moment = matrix.T @ matrix - (matrix.shape[0] * torch.outer(mean, mean) if centered else 0)
+    second_moment = _gram(matrix) - (matrix.shape[0] * torch.outer(mean, mean) if centered else 0)
     _, eigenvectors = _symmetric_eigh(second_moment)
     directions = eigenvectors.flip(1)[:, :num_components]
     directions = _orient_towards(directions, mean)

@@ -19,6 +19,7 @@ from coupled_adam_hf.metrics import (
     read_token_counts,
     singular_values,
 )
+from coupled_adam_hf.metrics import _RowSet, _gram, _gram_blocks
 
 SCALE_FREE = ("mean_norm_ratio", "avg_cosine", "isoscore", "effective_rank", "explained_variance_top1",
               "explained_variance_top10", "kappa", "centered/avg_cosine", "centered/effective_rank",
@@ -207,6 +208,57 @@ def test_quick_isotropy_matches_the_full_set():
     assert set(quick) == {"iso", "mean_norm_ratio", "avg_cosine"}
     for key, value in quick.items():
         assert value == pytest.approx(full[key], rel=1e-10), key
+
+
+@pytest.mark.parametrize("rows, dim, blocks", [(1, 7, 3), (37, 2, 5), (53, 13, 4), (40, 768, 4), (9, 10, 8),
+                                               (200, 96, 1), (64, 5, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocked_gram_matches_the_plain_product(rows, dim, blocks, dtype):
+    matrix = (gaussian_cloud(rows, dim, scale=1.0, seed=rows + dim) + 0.5).to(dtype)
+    bounds = _gram_blocks(dim, blocks)
+    assert bounds[0] == 0 and bounds[-1] == dim and len(bounds) == min(blocks, dim) + 1
+    assert all(low < high for low, high in zip(bounds[:-1], bounds[1:]))
+    reference = matrix.T @ matrix
+    blocked = _gram(matrix, blocks)
+    assert blocked.dtype == dtype and blocked.shape == (dim, dim)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((blocked - reference).abs().max()) <= tolerance * float(reference.abs().max())
+
+
+def test_row_set_second_moments_match_plain_sums(monkeypatch):
+    monkeypatch.setitem(__import__("coupled_adam_hf.metrics").metrics._GRAM_CHUNK_ELEMENTS, "cpu", 7 * 400)
+    monkeypatch.setattr(__import__("coupled_adam_hf.metrics").metrics, "_GRAM_BLOCK_COLUMNS", 100)
+    matrix = gaussian_cloud(50, 401, scale=1.0, seed=3) + 0.2  # chunks of 6 rows, 4 column blocks of 100-101
+    weights = torch.rand(50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    index = torch.tensor([3, 1, 4, 15, 9, 26, 5, 35, 8, 9, 7, 49])
+    for rows, plain in ((_RowSet(matrix), matrix), (_RowSet(matrix.to(torch.float32)), matrix.float().double()),
+                        (_RowSet(matrix, index=index), matrix[index])):
+        gram, column_sum, largest = rows.second_moments()
+        reference = plain.T @ plain
+        assert float((gram - reference).abs().max()) <= 1e-12 * float(reference.abs().max())
+        assert torch.allclose(column_sum, plain.sum(dim=0), rtol=1e-12, atol=1e-12)
+        assert largest == pytest.approx(float(plain.norm(dim=1).max()), rel=1e-12)
+    gram, column_sum, _ = _RowSet(matrix, weights=weights).second_moments()
+    reference = (matrix * weights[:, None]).T @ matrix
+    assert float((gram - reference).abs().max()) <= 1e-12 * float(reference.abs().max())
+    assert torch.allclose(column_sum, weights @ matrix, rtol=1e-12, atol=1e-12)
+
+
+def test_metrics_do_not_depend_on_the_gram_blocks(monkeypatch):
+    import coupled_adam_hf.metrics as metrics_module
+
+    matrix = gaussian_cloud(300, 26, scale=0.5, seed=11) + 0.2
+    matrix[:, -1] = matrix[:, 0] + 1e-9 * matrix[:, 1]  # ill-conditioned: the exact small-end path of kappa
+    counts = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(2))
+    plain = embedding_metrics(matrix, counts, top_k=40)  # H < 2 * _GRAM_BLOCK_COLUMNS: one block
+    monkeypatch.setattr(metrics_module, "_GRAM_BLOCK_COLUMNS", 6)  # 4 blocks of 6-7 columns
+    blocked = embedding_metrics(matrix, counts, top_k=40)
+    assert blocked.keys() == plain.keys()
+    for key, value in plain.items():
+        # abtt/effective_rank takes sqrt of the Gram eigenvalues as they are: the tiny one is rounding noise of size
+        # sqrt(eps) sigma_max, which moves the entropy at that level whatever the order of the sums
+        tolerance = 1e-7 if key.endswith("abtt/effective_rank") else 1e-9
+        assert blocked[key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
 
 
 def test_low_precision_inputs_are_measured_in_float64():
