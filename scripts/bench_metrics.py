@@ -35,12 +35,12 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 from coupled_adam_hf.metrics import embedding_metrics, quick_isotropy
+from coupled_adam_hf.benchmarking import quantile, timed
 
 REFERENCE = "gram"
 CONTENDERS = ("quick_isotropy", "embedding_metrics", "embedding_metrics_counts")
@@ -57,24 +57,6 @@ def build_inputs(rows: int, dim: int, vocabulary: int, unseen: float, dtype: tor
     counts = torch.floor(1e8 * ranks ** -1.1) + 1
     counts[torch.rand(vocabulary, generator=generator) < unseen] = 0
     return weight.to(device=device, dtype=dtype), counts.to(device=device, dtype=torch.int64)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run(weight: torch.Tensor, counts: torch.Tensor, contenders: list[str], repeats: int, top_k: int
@@ -96,7 +78,7 @@ def run(weight: torch.Tensor, counts: torch.Tensor, contenders: list[str], repea
         shift = repeat % len(contenders)
         for name in contenders[shift:] + contenders[:shift]:
             pair = (REFERENCE, name) if repeat % 2 == 0 else (name, REFERENCE)
-            measured = {n: _timed(calls[n], device) for n in pair}
+            measured = {n: timed(calls[n], device) for n in pair}
             times[name].append(measured[name])
             times[REFERENCE].append(measured[REFERENCE])
             ratios[name].append(measured[name] / measured[REFERENCE])
@@ -114,7 +96,7 @@ def summarize(times: dict[str, list[float]], ratios: dict[str, list[float]]) -> 
     for name, values in ratios.items():
         rows.append(dict(contender=name, median_s=statistics.median(times[name]), min_s=min(times[name]),
                          ratio_to_gram=statistics.median(values), ratio_low=min(values), ratio_high=max(values),
-                         ratio_q1=_quantile(values, 0.25), ratio_q3=_quantile(values, 0.75),
+                         ratio_q1=quantile(values, 0.25), ratio_q3=quantile(values, 0.75),
                          ratio_of_minimums=min(times[name]) / min(reference), calls=len(values),
                          times_s=times[name], ratios=values))
     return rows

@@ -52,7 +52,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from unittest import mock
@@ -60,6 +59,7 @@ from unittest import mock
 import torch
 
 from coupled_adam_hf import CoupledAdam, kernel_policy
+from coupled_adam_hf.benchmarking import quantile, timed
 
 BASELINE = "adamw_fused"
 
@@ -219,19 +219,6 @@ def traffic_bytes(contender: Contender, ps: ParameterSet) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -289,11 +276,6 @@ class Result:
     protocol: str = "warm"  # "warm": steps back to back; "cold": a cache-flushing pass before every timed step
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def stream_probe(device: torch.device, numel: int) -> Callable[[], object]:
     """``a += b`` over ``numel`` float32 elements: 12 bytes per element, read-modify-write like an optimizer pass."""
     a = torch.randn(numel, device=device)
@@ -319,7 +301,7 @@ def run_round(ps: ParameterSet, contenders: list[Contender], steps: int, warmup:
     for c in contenders:
         opt = c.make(ps)
         with mock.patch.dict(os.environ, c.env):
-            first_step[c.name] = _timed(opt.step, device)
+            first_step[c.name] = timed(opt.step, device)
             for _ in range(warmup - 1):
                 opt.step()
         optimizers[c.name] = opt
@@ -353,9 +335,9 @@ def _time_pairs(contenders: list[Contender], optimizers: dict, stream: Callable[
         if flush is not None:
             flush()
         if name == "_stream":
-            return _timed(stream, device)
+            return timed(stream, device)
         with mock.patch.dict(os.environ, by_name[name].env):
-            return _timed(optimizers[name].step, device)
+            return timed(optimizers[name].step, device)
 
     # Every contender is timed right beside a fused AdamW step (alternately before and after it), so each ratio
     # compares two steps taken under the same load; the contender order rotates from turn to turn.
@@ -371,7 +353,7 @@ def _time_pairs(contenders: list[Contender], optimizers: dict, stream: Callable[
     if not names:  # the baseline alone
         times[BASELINE] = [step_of(BASELINE) for _ in range(steps)]
     if flush is None:
-        times["_stream"] = [_timed(stream, device) for _ in range(steps)]
+        times["_stream"] = [timed(stream, device) for _ in range(steps)]
     ratios[BASELINE] = [1.0]
     return times, ratios
 
@@ -392,8 +374,8 @@ def _results(ps: ParameterSet, contenders: list[Contender], optimizers: dict, ti
         results.append(Result(
             set=ps.name, dtype=str(ps.dtype).removeprefix("torch."), contender=c.name, description=c.description,
             params=ps.numel, coupled_params=coupled_numel, median_ms=median_s * 1e3,
-            ratio_to_fused_adamw=statistics.median(ratios[c.name]), ratio_q1=_quantile(ratios[c.name], 0.25),
-            ratio_q3=_quantile(ratios[c.name], 0.75), min_ms=min(times[c.name]) * 1e3,
+            ratio_to_fused_adamw=statistics.median(ratios[c.name]), ratio_q1=quantile(ratios[c.name], 0.25),
+            ratio_q3=quantile(ratios[c.name], 0.75), min_ms=min(times[c.name]) * 1e3,
             ratio_of_minimums=min(times[c.name]) / min(times[BASELINE]), first_step_s=first_step[c.name],
             state_bytes=sbytes, state_ratio_to_adamw=sbytes / adamw_state if adamw_state else float("nan"),
             traffic_bytes=traffic, achieved_gb_s=achieved, stream_gb_s=stream_gb_s,
