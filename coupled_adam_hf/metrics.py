@@ -559,7 +559,7 @@ def _row_set_metrics(rows: _RowSet, moments: tuple[Tensor, Tensor, float] | None
             coefficients = torch.stack([raw_coefficients, centered_coefficients], dim=1)
         # One pass over the rows for every direction sum: sum_i a_i (x_i - mu) = X^T a - mu sum_i a_i, and the
         # all-but-the-top one also subtracts the top directions U (U^T (x_i - mu)) = U t_i.
-        sums = x.T @ coefficients
+        sums = (coefficients.T @ x).T  # row-major x read as rows: several times faster than x.T @ coefficients
         raw_cosine.add(sums[:, 0])
         centered_cosine.add(sums[:, 1] - mean * centered_coefficients.sum())
         if removed:
