@@ -107,6 +107,27 @@ def checkpoint_labels(paths: list[str], labels: list[str] | None) -> list[str]:
     return labels
 
 
+def check_device_name(name: str) -> None:
+    """``--device`` of an eval script: auto, cpu or cuda[:N], checked before anything loads."""
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+
+
+def resolve_device(name: str):
+    """The ``torch.device`` of an eval script's ``--device`` (auto: cuda when available, else cpu)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is available")
+    return device
+
+
 def run_cli(main: Callable[[], Any], *, prog: str | None = None) -> None:
     """Call ``main()`` and exit: 0 on success, a one-line ``prog: error: reason`` and a status on failure."""
     prog = prog or os.path.basename(sys.argv[0]) or "coupled_adam_hf"

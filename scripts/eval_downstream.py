@@ -98,8 +98,7 @@ def validate(args: DownstreamArguments) -> tuple[list[str], str]:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    cli.check_device_name(args.device)
     hub = hub_tasks(args.tasks)
     if hub and offline():
         raise UsageError(f"the tasks {', '.join(hub)} need their data from the Hugging Face Hub, which cannot be "
@@ -122,16 +121,6 @@ def load_tokenizers(paths: list[str]) -> list[Any]:
     from coupled_adam_hf.reliability import load_checkpoint_tokenizer
 
     return [load_checkpoint_tokenizer(path) for path in paths]
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is available")
-    return name
 
 
 def run_blimp(path: str, tokenizer, scorer: str, args: DownstreamArguments, device: str) -> dict[str, Any]:
@@ -207,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(argv)
     labels, scorer = validate(args)
     tokenizers = load_tokenizers(args.model_name_or_path)
-    device = resolve_device(args.device)
+    device = str(cli.resolve_device(args.device))  # lm-eval takes the device by name
     with OutputDirLock(args.output_dir, what="evaluation"):  # one evaluation per folder
         return evaluate(args, labels, scorer, tokenizers, device)
 

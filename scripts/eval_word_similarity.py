@@ -84,19 +84,9 @@ def validate(args: WordSimilarityArguments) -> list[str]:
     labels = cli.checkpoint_labels(args.model_name_or_path, args.labels)
     if args.abtt_components is not None and args.abtt_components < 0:
         raise UsageError(f"--abtt_components must be >= 0, got {args.abtt_components}")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    cli.check_device_name(args.device)
     check_results_file(args.output_dir, RESULTS_FILE, overwrite=args.overwrite_output_dir)
     return labels
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is available")
-    return device
 
 
 def _cell(value: Any, digits: int = 1) -> str:
@@ -143,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns what it writes to ``word_similarity.json``."""
     args = parse_arguments(argv)
     labels = validate(args)
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     kwargs = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
     tokenizers = [load_checkpoint_tokenizer(path, **kwargs) for path in args.model_name_or_path]  # before any model
     with OutputDirLock(args.output_dir, what="evaluation"):  # one evaluation per folder
