@@ -169,6 +169,16 @@ def train(run: Run, out: Path, args: DemoArguments) -> Path:
     return run_dir
 
 
+def reusable(results_file: Path, labels: list[str], newest_model: float, **arguments: Any) -> bool:
+    """Whether ``results_file`` holds an evaluation of exactly these runs, in this order, newer than every model,
+    made with these arguments (``--reuse`` keeps it)."""
+    if not results_file.is_file() or results_file.stat().st_mtime < newest_model:
+        return False
+    results = read_json(results_file)
+    return (list(results["checkpoints"]) == labels
+            and all(results["arguments"][name] == value for name, value in arguments.items()))
+
+
 def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoArguments) -> dict[str, Any]:
     eval_dir = out / "eval"
     isotropy_file = eval_dir / "isotropy" / "isotropy.json"
@@ -196,23 +206,21 @@ def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoAr
             run_step(f"perplexity of {run.label} on the held-out plays", command)
         perplexities[run.name] = read_json(ppl_file)
     similarity_file = eval_dir / "word_similarity" / "word_similarity.json"
+    labels = [r.label for r in runs]
     newest_model = max((run_dirs[r.name] / "model.safetensors").stat().st_mtime for r in runs)
-    if not (args.reuse and similarity_file.is_file() and similarity_file.stat().st_mtime >= newest_model
-            and list(read_json(similarity_file)["checkpoints"]) == [r.label for r in runs]):
+    if not (args.reuse and reusable(similarity_file, labels, newest_model)):
         run_step("word similarity of all runs", [
             sys.executable, "scripts/eval_word_similarity.py",
             "--model_name_or_path", *[str(run_dirs[r.name]) for r in runs],
-            "--labels", *[r.label for r in runs],
+            "--labels", *labels,
             "--output_dir", str(eval_dir / "word_similarity"), "--overwrite_output_dir", "true",
         ])
     blimp_file = eval_dir / "blimp" / "downstream.json"
-    if not (args.reuse and blimp_file.is_file() and blimp_file.stat().st_mtime >= newest_model
-            and list(read_json(blimp_file)["checkpoints"]) == [r.label for r in runs]
-            and read_json(blimp_file)["arguments"]["limit"] == (args.blimp_limit or None)):
+    if not (args.reuse and reusable(blimp_file, labels, newest_model, limit=args.blimp_limit or None)):
         run_step("BLiMP of all runs", [
             sys.executable, "scripts/eval_downstream.py",
             "--model_name_or_path", *[str(run_dirs[r.name]) for r in runs],
-            "--labels", *[r.label for r in runs], "--tasks", "blimp", "--scorer", "native",
+            "--labels", *labels, "--tasks", "blimp", "--scorer", "native",
             *(["--limit", str(args.blimp_limit)] if args.blimp_limit else []),
             "--output_dir", str(eval_dir / "blimp"), "--overwrite_output_dir", "true",
         ])
