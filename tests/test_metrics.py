@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -11,6 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coupled_adam_hf.metrics import (
+    _gram,
+    _gram_blocks,
+    _RowSet,
     abtt_components,
     all_but_the_top,
     embedding_metrics,
@@ -19,7 +23,6 @@ from coupled_adam_hf.metrics import (
     read_token_counts,
     singular_values,
 )
-from coupled_adam_hf.metrics import _RowSet, _gram, _gram_blocks
 
 SCALE_FREE = ("mean_norm_ratio", "avg_cosine", "isoscore", "effective_rank", "explained_variance_top1",
               "explained_variance_top10", "kappa", "centered/avg_cosine", "centered/effective_rank",
@@ -73,7 +76,7 @@ def test_rank_one_matrix_has_exact_iso_and_unit_effective_rank():
     m = embedding_metrics(torch.outer(amplitudes, direction))
     # eigenvectors orthogonal to the direction see c . e_i = 0, so Z = V there
     expected_iso = rows / torch.exp(amplitudes * direction.norm()).sum()
-    assert m["iso"] == pytest.approx(float(expected_iso), rel=1e-9)
+    assert m["iso"] == pytest.approx(float(expected_iso), rel=1e-9, abs=0)
     assert m["avg_cosine"] == pytest.approx(1.0, abs=1e-12)
     assert m["mean_norm_ratio"] == pytest.approx(1.0, abs=1e-12)
     assert m["effective_rank"] == pytest.approx(1.0, abs=1e-6)
@@ -174,7 +177,7 @@ def test_agrees_with_direct_formulas_on_a_small_matrix():
 
     units = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
     cosines = units @ units.T
-    assert m["avg_cosine"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (rows * (rows - 1)), rel=1e-12)
+    assert m["avg_cosine"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (rows * (rows - 1)), rel=1e-12, abs=0)
     units = centered / np.linalg.norm(centered, axis=1, keepdims=True)
     cosines = units @ units.T
     assert m["centered/avg_cosine"] == pytest.approx((cosines.sum() - np.trace(cosines)) / (rows * (rows - 1)),
@@ -217,7 +220,7 @@ def test_blocked_gram_matches_the_plain_product(rows, dim, blocks, dtype):
     matrix = (gaussian_cloud(rows, dim, scale=1.0, seed=rows + dim) + 0.5).to(dtype)
     bounds = _gram_blocks(dim, blocks)
     assert bounds[0] == 0 and bounds[-1] == dim and len(bounds) == min(blocks, dim) + 1
-    assert all(low < high for low, high in zip(bounds[:-1], bounds[1:]))
+    assert all(low < high for low, high in itertools.pairwise(bounds))
     reference = matrix.T @ matrix
     blocked = _gram(matrix, blocks)
     assert blocked.dtype == dtype and blocked.shape == (dim, dim)
@@ -259,6 +262,71 @@ def test_metrics_do_not_depend_on_the_gram_blocks(monkeypatch):
         # sqrt(eps) sigma_max, which moves the entropy at that level whatever the order of the sums
         tolerance = 1e-7 if key.endswith("abtt/effective_rank") else 1e-9
         assert blocked[key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
+
+
+@pytest.mark.parametrize("scale", [0.5, 100.0], ids=["unshifted", "shifted"])  # norms up to 420 > 300: shifted
+def test_iso_does_not_depend_on_the_blocks_of_the_exponential_sums(monkeypatch, scale):
+    import coupled_adam_hf.metrics as metrics_module
+
+    matrix = gaussian_cloud(500, 5, scale=scale, seed=12) + 0.3 * scale
+    monkeypatch.setitem(metrics_module._CHUNK_ELEMENTS, "cpu", 5 * 120)  # chunks of 120 rows
+    monkeypatch.setattr(metrics_module, "_PARTITION_BLOCK_ELEMENTS", {})  # a chunk is one block
+    counts = torch.randint(0, 40, (500,), generator=torch.Generator().manual_seed(3))  # weighted sets too
+    whole = embedding_metrics(matrix, counts, top_k=50)
+    quick = quick_isotropy(matrix)
+    monkeypatch.setattr(metrics_module, "_PARTITION_BLOCK_ELEMENTS", {"cpu": 5 * 7})  # blocks of 7 rows, a rest
+    blocked = embedding_metrics(matrix, counts, top_k=50)
+    keys = [key for key in whole if key.endswith(("iso", "iso_both_signs"))]
+    assert len(keys) == 4 * 6  # all rows, seen, top-k, frequency-weighted: raw, centered, all-but-the-top
+    assert all(0 < whole[key] < 1 for key in keys)  # measurable values, not underflows
+    # against log-sum-exp of the plain projections, eigenvectors oriented towards the mean
+    mean = matrix.mean(dim=0)
+    for prefix, second_moment, rows in (("", matrix.T @ matrix / 500, matrix),
+                                        ("centered/", torch.cov(matrix.T, correction=0), matrix - mean)):
+        vectors = torch.linalg.eigh(second_moment).eigenvectors
+        projection = rows @ (vectors * torch.sign(mean @ vectors))
+        log_z = torch.logsumexp(projection, dim=0)
+        both = torch.cat([log_z, torch.logsumexp(-projection, dim=0)])
+        # abs=0: pytest.approx otherwise also accepts any difference below 1e-12, which these values are
+        iso, iso_both = math.exp(float(log_z.min() - log_z.max())), math.exp(float(both.min() - both.max()))
+        assert whole[f"{prefix}iso"] == pytest.approx(iso, rel=1e-9, abs=0)
+        assert whole[f"{prefix}iso_both_signs"] == pytest.approx(iso_both, rel=1e-9, abs=0)
+    for key in keys:
+        assert blocked[key] == pytest.approx(whole[key], rel=1e-12, abs=0), key
+    assert quick_isotropy(matrix)["iso"] == pytest.approx(quick["iso"], rel=1e-12, abs=0)
+
+
+def test_paired_eigendecompositions_are_the_single_threaded_ones_and_restore_the_threads(monkeypatch):
+    from coupled_adam_hf.metrics import _symmetric_eighs
+
+    first = gaussian_cloud(200, 40, scale=1.0, seed=13)
+    second = gaussian_cloud(200, 40, scale=1.0, seed=14) + 0.5
+    matrices = [first.T @ first, second.T @ second]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [torch.linalg.eigh((m + m.T) / 2) for m in matrices]
+        torch.set_num_threads(2)
+        paired = _symmetric_eighs(*matrices)  # one thread each, side by side
+        assert torch.get_num_threads() == 2
+        for (values, vectors), (expected_values, expected_vectors) in zip(paired, alone, strict=True):
+            assert torch.equal(values, expected_values) and torch.equal(vectors, expected_vectors)
+        two_threads = embedding_metrics(second, torch.arange(200) % 7, top_k=30)
+        torch.set_num_threads(1)
+        one_thread = embedding_metrics(second, torch.arange(200) % 7, top_k=30)
+        for key, value in one_thread.items():
+            assert two_threads[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+        def failing(matrix):
+            raise torch.linalg.LinAlgError("did not converge")
+
+        torch.set_num_threads(2)
+        monkeypatch.setattr(torch.linalg, "eigh", failing)
+        with pytest.raises(torch.linalg.LinAlgError):
+            _symmetric_eighs(*matrices)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_low_precision_inputs_are_measured_in_float64():
@@ -375,7 +443,7 @@ def test_local_evaluate_module_gives_the_library_values(tmp_path):
     anisotropy.add_batch(embeddings=matrix[:25].tolist())
     anisotropy.add_batch(embeddings=matrix[25:].tolist())
     result = anisotropy.compute(token_counts=counts.tolist(), top_k=10)
-    assert result == pytest.approx(embedding_metrics(matrix, counts, top_k=10), rel=1e-12, nan_ok=True)
+    assert result == pytest.approx(embedding_metrics(matrix, counts, top_k=10), rel=1e-12, abs=0, nan_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- degenerate
@@ -465,17 +533,17 @@ def test_kappa_is_exact_down_to_1e_12(smallest):
     expected = 2.0 ** -smallest  # sigma_max = 2^0
     assert float(matrix.mean(dim=0).abs().max()) == 0.0
     m = embedding_metrics(matrix)
-    assert m["kappa"] == pytest.approx(expected, rel=1e-6)
-    assert m["centered/kappa"] == pytest.approx(expected, rel=1e-6)  # the rows have mean zero
+    assert m["kappa"] == pytest.approx(expected, rel=1e-6, abs=0)  # abs=0: approx would accept any 1e-12
+    assert m["centered/kappa"] == pytest.approx(expected, rel=1e-6, abs=0)  # the rows have mean zero
     assert m["sigma_max"] == pytest.approx(1.0, rel=1e-12)
-    assert m["top_direction_rms"] == pytest.approx(1.0 / math.sqrt(matrix.shape[0]), rel=1e-12)
+    assert m["top_direction_rms"] == pytest.approx(1.0 / math.sqrt(matrix.shape[0]), rel=1e-12, abs=0)
     sigma = torch.tensor([2.0 ** -a for a in exponents], dtype=torch.float64)
     p = sigma / sigma.sum()
     assert m["effective_rank"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-12)
     # the same matrix in the other row sets (weighted by equal counts: the same singular values)
     counted = embedding_metrics(matrix, torch.ones(matrix.shape[0]), top_k=1024)
     for prefix in ("seen/", "freq/"):
-        assert counted[f"{prefix}kappa"] == pytest.approx(expected, rel=1e-6), prefix
+        assert counted[f"{prefix}kappa"] == pytest.approx(expected, rel=1e-6, abs=0), prefix
         assert counted[f"{prefix}sigma_max"] == pytest.approx(1.0, rel=1e-12), prefix
     if smallest >= 33:  # what the test guards against: the Gram matrix's eigenvalues cannot resolve these
         from_gram = float(torch.linalg.eigvalsh(matrix.T @ matrix)[0].clamp_min(0).sqrt())
@@ -490,8 +558,8 @@ def test_kappa_of_several_tiny_singular_values_and_of_wide_matrices_matches_an_s
     matrix = (basis * sigma) @ rotation.T
     m = embedding_metrics(matrix)
     reference = torch.linalg.svdvals(matrix)
-    assert m["kappa"] == pytest.approx(float(reference[-1] / reference[0]), rel=1e-6)
-    assert m["kappa"] == pytest.approx(1e-9, rel=1e-6)
+    assert m["kappa"] == pytest.approx(float(reference[-1] / reference[0]), rel=1e-6, abs=0)
+    assert m["kappa"] == pytest.approx(1e-9, rel=1e-6, abs=0)
     # fewer rows than columns (a top-k subset of a wide model): min(V, H) = V singular values
     wide = torch.randn(20, 50, generator=generator, dtype=torch.float64) + 0.3
     m = embedding_metrics(wide)
