@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Everything a GPU changes, checked and measured in one command (about 8 minutes on an H100/H200-class GPU).
+"""Everything a GPU changes, checked and measured in one command (about 9 minutes on an H100/H200-class GPU).
 
     bash scripts/gpu_check.sh                 # on the GPU machine: sets up .venv, then runs this script
     python scripts/gpu_check.py               # in an environment that has a CUDA torch and the project
@@ -18,6 +18,9 @@ Stages, each in its own process with its own time budget (a failing stage does n
    bitwise).
 4. ``compile``: ``torch.compile(opt.step)``: compiled graphs run per step, and the numbers against eager.
 5. ``memory``: peak device memory of the optimizer state, CoupledAdam against AdamW, on GPT-2 124M shapes.
+6. ``metrics``: ``scripts/bench_metrics.py --device cuda``: ``quick_isotropy`` and ``embedding_metrics`` (without
+   and with token counts) on GPT-2's ``50304 x 768`` in float64 on the GPU, as ratios to one Gram product there
+   (their agreement with the CPU values is a test of the ``tests`` stage).
 
 Writes ``<output_dir>/report.json`` and ``report.md`` (device, driver, torch and CUDA versions, every figure) and
 exits 1 if a stage failed. ``--dry-run`` runs on the CPU at toy sizes with the same code paths, so that CI tests
@@ -42,9 +45,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing, too
 
 from coupled_adam_hf.cli import UsageError, run_cli  # noqa: E402
 
-STAGES = ("tests", "bench", "ab", "compile", "memory")
-#: Seconds each stage may take on a GPU (the whole check: about 8 minutes); the dry run uses a tenth, at least 60.
-BUDGET_S = {"tests": 120, "bench": 150, "ab": 130, "compile": 45, "memory": 30}
+STAGES = ("tests", "bench", "ab", "compile", "memory", "metrics")
+#: Seconds each stage may take on a GPU (the whole check: about 9 minutes); the dry run uses half, at least 60.
+BUDGET_S = {"tests": 120, "bench": 150, "ab": 130, "compile": 45, "memory": 30, "metrics": 60}
 REFERENCE = ROOT / "scripts" / "gpu_check_data" / "quickstart_cpu_reference.json"
 BENCH_CONTENDERS = "adamw_fused,coupled_default,coupled_fused_nocheck,coupled_full_fused,coupled_foreach,adamw_foreach"
 #: How close a GPU run of the quickstart must come to the CPU figures (same seed, different kernels and order).
@@ -131,6 +134,19 @@ def stage_bench(args, budget: float, out: Path) -> dict[str, Any]:
                        budget)
     if json_path.is_file():
         result["figures"] = json.loads(json_path.read_text())
+    return result
+
+
+def stage_metrics(args, budget: float, out: Path) -> dict[str, Any]:
+    json_path = out / "metrics.json"
+    sizes = ["--device", "cpu", "--quick"] if args.dry_run else ["--device", "cuda", "--repeats", "5"]
+    result = run_stage("metrics", [sys.executable, "scripts/bench_metrics.py", *sizes, "--output", str(json_path)],
+                       budget)
+    if json_path.is_file():
+        figures = json.loads(json_path.read_text())
+        result["figures"] = figures
+        ratios = {r["contender"]: r["ratio_to_gram"] for r in figures["results"] if r["contender"] != "gram"}
+        result["summary"] = "x Gram: " + ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
     return result
 
 
@@ -285,6 +301,14 @@ def markdown(report: dict[str, Any]) -> str:
         for name, entry in ab["runs"].items():
             lines.append(f"| {name} | {entry.get('eval_loss')} | {entry.get('embedding_mean_norm_ratio')} | "
                          f"{entry.get('close_to_cpu', '-')} |")
+    metrics = next((s for s in report["stages"] if s["stage"] == "metrics"), None)
+    if metrics and metrics.get("figures"):
+        shape = " x ".join(str(n) for n in metrics["figures"]["shape"])
+        lines += ["", f"## Embedding metrics (bench_metrics.py, {shape} float64)", "",
+                  "| function | median s | x Gram (median) | range |", "|---|---|---|---|"]
+        for row in metrics["figures"]["results"]:
+            lines.append(f"| {row['contender']} | {row['median_s']:.4f} | {row['ratio_to_gram']:.2f} | "
+                         f"{row['ratio_low']:.2f}-{row['ratio_high']:.2f} |")
     bench = next((s for s in report["stages"] if s["stage"] == "bench"), None)
     if bench and bench.get("figures"):
         lines += ["", "## Optimizer step (bench_optimizer.py, raw JSON in report.json)", "",
@@ -320,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             result = stage_bench(args, budget, out)
         elif name == "ab":
             result = stage_ab(args, budget, out)
+        elif name == "metrics":
+            result = stage_metrics(args, budget, out)
         else:
             result = stage_worker_result(name, args, budget)
         print(f"gpu_check: {name} {result['status']} in {result.get('seconds')} s", flush=True)

@@ -23,20 +23,25 @@ def gpu_check(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_dry_run_runs_every_stage_on_the_cpu_and_writes_both_reports(tmp_path):
     # The A/B stage is two train.py runs; tests/test_train_script.py covers those, so it is left out here.
-    done = gpu_check("--dry-run", "--stages", "tests,bench,compile,memory", "--output_dir", str(tmp_path))
+    done = gpu_check("--dry-run", "--stages", "tests,bench,compile,memory,metrics", "--output_dir", str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dry_run"] and report["environment"]["device"] == "cpu"
     stages = {s["stage"]: s for s in report["stages"]}
-    assert list(stages) == ["tests", "bench", "compile", "memory"]
+    assert list(stages) == ["tests", "bench", "compile", "memory", "metrics"]
     assert all(s["status"] == "passed" for s in stages.values())
     assert " passed" in stages["tests"]["summary"] and " failed" not in stages["tests"]["summary"]
     assert {r["contender"] for r in stages["bench"]["figures"]["results"]} >= {"adamw_fused", "coupled_default"}
     graphs = stages["compile"]["figures"]["graphs_per_step"]
     assert graphs["1"] == graphs["3"]  # no graph per coupled tensor
     assert 0 < stages["memory"]["figures"]["state_ratio"] < 1
+    metrics = {r["contender"]: r for r in stages["metrics"]["figures"]["results"]}
+    assert set(metrics) == {"gram", "quick_isotropy", "embedding_metrics", "embedding_metrics_counts"}
+    assert all(r["ratio_to_gram"] > 0 for r in metrics.values())
+    assert stages["metrics"]["figures"]["machine"]["device"] == "cpu"
     markdown = (tmp_path / "report.md").read_text()
     assert "dry run on CPU" in markdown and "| memory | passed |" in markdown
+    assert "## Embedding metrics" in markdown and "| embedding_metrics_counts |" in markdown
 
 
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
