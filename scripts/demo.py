@@ -181,9 +181,10 @@ def reusable(results_file: Path, labels: list[str], newest_model: float, **argum
 
 def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoArguments) -> dict[str, Any]:
     eval_dir = out / "eval"
+    labels = [r.label for r in runs]
+    newest_model = max((run_dirs[r.name] / "model.safetensors").stat().st_mtime for r in runs)
     isotropy_file = eval_dir / "isotropy" / "isotropy.json"
-    if not (args.reuse and isotropy_file.is_file()
-            and set(read_json(isotropy_file)["checkpoints"]) == {r.label for r in runs}):
+    if not (args.reuse and reusable(isotropy_file, labels, newest_model)):
         run_step("embedding isotropy of all runs", [
             sys.executable, "scripts/eval_isotropy.py",
             "--model_name_or_path", *[str(run_dirs[r.name]) for r in runs],
@@ -206,8 +207,6 @@ def evaluate(runs: list[Run], run_dirs: dict[str, Path], out: Path, args: DemoAr
             run_step(f"perplexity of {run.label} on the held-out plays", command)
         perplexities[run.name] = read_json(ppl_file)
     similarity_file = eval_dir / "word_similarity" / "word_similarity.json"
-    labels = [r.label for r in runs]
-    newest_model = max((run_dirs[r.name] / "model.safetensors").stat().st_mtime for r in runs)
     if not (args.reuse and reusable(similarity_file, labels, newest_model)):
         run_step("word similarity of all runs", [
             sys.executable, "scripts/eval_word_similarity.py",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -88,6 +89,36 @@ def test_blimp_section_puts_runs_side_by_side_overall_and_per_field_with_the_noi
     assert "scorer native" in text and "![blimp.png](blimp.png)" in text
     assert "Below chance for every run: semantics." in text  # 0.4 against 0.5 - 0.040 for 600 pairs
     assert demo.blimp_section({"checkpoints": {"AdamW": {}}}, ["AdamW"]) == []  # BLiMP not run: no section
+
+
+def test_reuse_evaluates_again_every_result_older_than_a_model_or_of_other_runs(tmp_path, monkeypatch):
+    demo = load_demo()
+    steps = []
+    monkeypatch.setattr(demo, "run_step", lambda description, command: steps.append(description))
+    runs = [demo.Run("adamw", "AdamW", "r.yaml"), demo.Run("coupled_adam", "Coupled Adam", "r.yaml")]
+    run_dirs = {run.name: tmp_path / "runs" / run.name for run in runs}
+    labels = {"checkpoints": {"AdamW": {}, "Coupled Adam": {}}, "arguments": {"limit": 5}}
+    files = [tmp_path / "eval" / "isotropy" / "isotropy.json", tmp_path / "eval" / "word_similarity" /
+             "word_similarity.json", tmp_path / "eval" / "blimp" / "downstream.json",
+             *(tmp_path / "eval" / run.name / "perplexity.json" for run in runs)]
+    for path in [*(d / "model.safetensors" for d in run_dirs.values()), *files]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(labels))
+    args = demo.DemoArguments(output_dir=str(tmp_path), reuse=True, blimp_limit=5)
+    demo.evaluate(runs, run_dirs, tmp_path, args)
+    assert steps == []  # every result is newer than both models and of these runs
+    newer = max(path.stat().st_mtime for path in files) + 10
+    os.utime(run_dirs["coupled_adam"] / "model.safetensors", (newer, newer))  # retrained since
+    demo.evaluate(runs, run_dirs, tmp_path, args)
+    assert steps == ["embedding isotropy of all runs", "perplexity of Coupled Adam on the held-out plays",
+                     "word similarity of all runs", "BLiMP of all runs"]
+    steps.clear()
+    for path in files:
+        os.utime(path, (newer + 10, newer + 10))
+    files[0].write_text(json.dumps({"checkpoints": {"AdamW": {}}}))  # of other runs
+    os.utime(files[0], (newer + 10, newer + 10))
+    demo.evaluate(runs, run_dirs, tmp_path, args)
+    assert steps == ["embedding isotropy of all runs"]
 
 
 def test_demo_rejects_reuse_together_with_overwrite(tmp_path):
