@@ -89,6 +89,7 @@ def parse_arguments(argv: list[str] | None) -> IsotropyArguments:
 def validate(args: IsotropyArguments) -> list[str]:
     """Labels per checkpoint; every argument checked before any model is loaded (UsageError: exit status 2)."""
     labels = cli.checkpoint_labels(args.model_name_or_path, args.labels)
+    cli.check_device_name(args.device)
     unknown = sorted(set(args.matrices) - set(MATRIX_KINDS))
     if unknown:
         raise UsageError(f"unknown --matrices {unknown}; choose among {', '.join(MATRIX_KINDS)}")
@@ -115,15 +116,6 @@ def check_token_counts(counts: torch.Tensor, source: str, path: str, rows: int, 
         what = f"its tokenizer has {vocabulary} tokens" if vocabulary is not None else f"its embedding has {rows} rows"
         raise UsageError(f"{source} holds {counts.numel()} token counts, but {path}: {what}: count with this "
                          "checkpoint's tokenizer (--count_tokens_in)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
-    return device
 
 
 def load_checkpoint(path: str, args: IsotropyArguments):
@@ -254,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns what it writes to ``isotropy.json``."""
     args = parse_arguments(argv)
     labels = validate(args)
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)  # before any model loads
     with OutputDirLock(args.output_dir, what="evaluation"):  # one evaluation per folder
         return evaluate(args, labels, device)
 

@@ -85,6 +85,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
 
 def validate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> None:
     """Every argument checked before the text or a model is loaded (UsageError: exit status 2)."""
+    cli.resolve_device(model_args.device)  # the name, and that a CUDA device is there
     if (data_args.validation_file is None) == (data_args.dataset_name is None):
         raise UsageError("give exactly one of --validation_file or --dataset_name")
     if data_args.validation_file is not None:
@@ -172,13 +173,7 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[model_args.dtype], **kwargs)
     except Exception as error:  # missing files, unreadable weights, a folder that is not a causal LM
         raise UsageError(f"cannot load {path!r}: {one_line(error)}") from error
-    if model_args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(model_args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but no CUDA device is available")
-    return model.to(device), tokenizer
+    return model.to(cli.resolve_device(model_args.device)), tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -131,6 +131,18 @@ def test_isotropy_refuses_bad_arguments_before_loading_anything(workspace, tmp_p
     with pytest.raises(ValueError, match="unknown --matrices"):
         eval_isotropy.main(["--model_name_or_path", str(workspace["tied"]), "--matrices", "tokens",
                             "--output_dir", str(tmp_path / "x")])
+    from coupled_adam_hf.cli import UsageError
+
+    devices = {"--device must be auto, cpu or cuda": "tpu", "--device must be auto, cpu or cuda\\[:N\\], got 'cuda:x'":
+               "cuda:x"}
+    if not torch.cuda.is_available():
+        devices["--device cuda, but no CUDA device is available"] = "cuda"
+    for message, device in devices.items():
+        with pytest.raises(UsageError, match=message) as caught:
+            eval_isotropy.main(["--model_name_or_path", str(workspace["tied"]), "--device", device,
+                                "--output_dir", str(tmp_path / "x")])
+        assert caught.value.exit_code == 2
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
@@ -225,7 +237,10 @@ def test_eval_scripts_check_every_argument_before_loading_a_model_and_write_noth
         "--stride 40 is larger than --context_length 32": ["--context_length", "32", "--stride", "40"],
         "--context_length 100 exceeds the model's maximum of 64 positions": ["--context_length", "100"],
         "--stride 80 is larger than the model's context of 64 tokens": ["--stride", "80"],
+        "--device must be auto, cpu or cuda": ["--device", "tpu"],
     }
+    if not torch.cuda.is_available():
+        cases["--device cuda, but no CUDA device is available"] = ["--device", "cuda"]
     for message, extra in cases.items():
         with pytest.raises(UsageError, match=message) as caught:
             eval_perplexity.main(base + extra)
