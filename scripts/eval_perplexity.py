@@ -85,7 +85,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
 
 def validate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> None:
     """Every argument checked before the text or a model is loaded (UsageError: exit status 2)."""
-    cli.resolve_device(model_args.device)  # the name, and that a CUDA device is there
+    cli.check_device_name(model_args.device)
     if (data_args.validation_file is None) == (data_args.dataset_name is None):
         raise UsageError("give exactly one of --validation_file or --dataset_name")
     if data_args.validation_file is not None:
@@ -158,7 +158,7 @@ def load_texts(data_args: DataArguments) -> tuple[list[str], str]:
     return texts, description
 
 
-def load_model_and_tokenizer(model_args: ModelArguments):
+def load_model_and_tokenizer(model_args: ModelArguments, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from coupled_adam_hf.reliability import model_folder_problem
@@ -173,7 +173,7 @@ def load_model_and_tokenizer(model_args: ModelArguments):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[model_args.dtype], **kwargs)
     except Exception as error:  # missing files, unreadable weights, a folder that is not a causal LM
         raise UsageError(f"cannot load {path!r}: {one_line(error)}") from error
-    return model.to(cli.resolve_device(model_args.device)), tokenizer
+    return model.to(device), tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -181,13 +181,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, run_args = parse_arguments(argv)
     validate(model_args, data_args, run_args)
     check_against_model_config(model_args, run_args)
+    device = cli.resolve_device(model_args.device)  # before the text or a model is loaded
     with OutputDirLock(run_args.output_dir, what="evaluation"):  # one evaluation per folder
-        return evaluate(model_args, data_args, run_args)
+        return evaluate(model_args, data_args, run_args, device)
 
 
-def evaluate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments) -> dict[str, Any]:
+def evaluate(model_args: ModelArguments, data_args: DataArguments, run_args: PerplexityArguments,
+             device: torch.device) -> dict[str, Any]:
     texts, description = load_texts(data_args)
-    model, tokenizer = load_model_and_tokenizer(model_args)
+    model, tokenizer = load_model_and_tokenizer(model_args, device)
 
     input_ids, token_bytes = tokenize_text(tokenizer, texts, separator=DEFAULT_TEXT_SEPARATOR)
     truncated = data_args.max_eval_tokens is not None and input_ids.numel() > data_args.max_eval_tokens
